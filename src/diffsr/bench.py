@@ -1,0 +1,129 @@
+"""Timing and peak-memory measurement shared by `benchmarks/` scripts and `diffsr bench`.
+
+Peak memory is the process's peak RSS on CPU (VmHWM, reset before each measured call through
+/proc/self/clear_refs where Linux allows it) and torch.cuda.max_memory_allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Measurement:
+    """Wall-clock seconds of each repeat, their median/min/max, and the peak memory of the repeats."""
+
+    name: str
+    seconds: list[float]
+    peak_bytes: int | None
+    peak_kind: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(median=self.median, min=min(self.seconds), max=max(self.seconds))
+        return d
+
+
+def _read_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Reset the peak-memory counter; False when the platform cannot (then the peak is since start)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    hwm = _read_hwm()
+    if hwm is not None:
+        return hwm, "rss_peak"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_peak_since_start"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    name: str, fn: Callable[[], object], *, device: torch.device, warmup: int = 1, repeats: int = 3
+) -> Measurement:
+    """Run fn `warmup` times unmeasured, then `repeats` times timed; peak memory over the repeats."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    bytes_, kind = peak(device)
+    return Measurement(name, times, bytes_, kind)
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """Versions and hardware, recorded next to every benchmark result."""
+    import diffusers
+    import peft
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "diffsr": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def format_table(rows: list[Measurement]) -> str:
+    """A plain-text table: name, median, min, max seconds and peak memory (GiB)."""
+    lines = [f"{'case':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'peak GiB':>10}"]
+    for m in rows:
+        mem = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes else "n/a"
+        lines.append(f"{m.name:<34}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{mem:>10}")
+    return "\n".join(lines)

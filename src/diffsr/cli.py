@@ -1,0 +1,276 @@
+"""`diffsr` command line: a thin layer over diffsr.api. Heavy imports happen inside commands so
+that `--help` and argument errors are instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+METHOD_CHOICES = ("pisa",)
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffsr", description="Real-world image super-resolution with diffusion priors."
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    u = sub.add_parser(
+        "upscale",
+        help="super-resolve images (files or folders, recursively)",
+        description="Super-resolve images ×4 (or --outscale). Outputs mirror the input tree under OUTDIR; "
+        "existing outputs are skipped unless --overwrite. Exit status 1 if any image failed.",
+    )
+    u.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    u.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    u.add_argument("--method", default="pisa", choices=METHOD_CHOICES, help="SR method (default: pisa)")
+    u.add_argument(
+        "--base",
+        metavar="ID_OR_DIR",
+        help="Stable Diffusion base: Hub id or local diffusers folder "
+        "(default: the method's; env DIFFSR_<METHOD>_BASE)",
+    )
+    u.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="method weights: the authors' checkpoint or a diffsr folder (env DIFFSR_<METHOD>_WEIGHTS)",
+    )
+    g = u.add_argument_group("PiSA-SR")
+    g.add_argument(
+        "--lambda-pix", type=_nonneg_float, default=1.0, help="pixel-level guidance λ_pix (default 1)"
+    )
+    g.add_argument(
+        "--lambda-sem", type=_nonneg_float, default=1.0, help="semantic-level guidance λ_sem (default 1)"
+    )
+    o = u.add_argument_group("output")
+    o.add_argument("--outscale", type=_positive_float, help="final scale (Lanczos after the native ×4)")
+    o.add_argument(
+        "--ext",
+        default="png",
+        help="output extension (png, jpg, webp, tif, bmp) or 'input' to keep the "
+        "input's format (default png; images with alpha are always written as png unless the format keeps alpha)",
+    )
+    o.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    o.add_argument(
+        "--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default: the method's)"
+    )
+    t = u.add_argument_group("tiling")
+    t.add_argument("--tile-size", type=_positive_int, default=96, help="latent tile size (default 96)")
+    t.add_argument("--tile-overlap", type=_nonneg_int, default=32, help="latent tile overlap (default 32)")
+    t.add_argument(
+        "--tile-batch", type=_positive_int, default=4, help="latent tiles per UNet call (default 4)"
+    )
+    t.add_argument(
+        "--vae-encoder-tile", type=_positive_int, default=1024, help="VAE encoder tile, pixels (default 1024)"
+    )
+    t.add_argument(
+        "--vae-decoder-tile",
+        type=_positive_int,
+        default=224,
+        help="VAE decoder tile, latent px (default 224)",
+    )
+    r = u.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    r.add_argument(
+        "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="compute precision (default fp32)"
+    )
+    r.add_argument("--seed", type=int, help="seed for --sample-posterior")
+    r.add_argument(
+        "--sample-posterior",
+        action="store_true",
+        help="sample the VAE posterior as the authors' code does (default: its mode, deterministic)",
+    )
+    r.add_argument(
+        "--max-pixels", type=_positive_int, default=1 << 24, help="refuse inputs above this many pixels"
+    )
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("-v", "--verbose", action="store_true", help="print per-image details")
+    u.set_defaults(func=cmd_upscale)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"diffsr {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import DiffSRError
+
+    try:
+        return args.func(args)
+    except DiffSRError as e:
+        print(f"diffsr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffsr: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers/huggingface_hub print load-time progress bars and notes; the CLI has its own."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers", "huggingface_hub", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging tweaks are best effort
+        pass
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .errors import DiffSRError
+    from .io import find_images, output_path, read_image, write_image
+
+    outdir = Path(args.output)
+    jobs = []
+    for src, rel in find_images(args.inputs):
+        jobs.append((src, rel))
+    if not jobs:
+        print("diffsr: no images found in the given inputs", file=sys.stderr)
+        return 1
+    ext = None if args.ext == "png" else args.ext
+    todo, skipped, claimed = [], 0, {}
+    failed: list[tuple[Path, str]] = []
+    for src, rel in jobs:
+        dst = output_path(outdir, rel, src, ext=ext, has_alpha=False)
+        if dst in claimed:  # a.png and a.jpg in one folder would write the same file
+            failed.append((src, f"{src}: output {dst} is already taken by {claimed[dst]} (use --ext input)"))
+            continue
+        claimed[dst] = src
+        if dst.exists() and not args.overwrite:
+            skipped += 1
+            if args.verbose:
+                print(f"{dst}: exists, skipped (--overwrite to replace)", file=sys.stderr)
+            continue
+        todo.append((src, rel))
+    for _, msg in failed:
+        print(f"error: {msg}", file=sys.stderr)
+    if not todo:
+        if not failed:
+            print(
+                f"diffsr: all {skipped} outputs exist; nothing to do (--overwrite to replace)",
+                file=sys.stderr,
+            )
+        return 1 if failed else 0
+
+    _quiet_libraries()
+    from .api import load
+
+    t0 = time.perf_counter()
+    up = load(args.method, weights=args.weights, base=args.base, device=args.device, dtype=args.dtype)
+    if args.verbose:
+        print(f"loaded {up!r} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    options = dict(
+        color_fix=args.color_fix,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        tile_batch=args.tile_batch,
+        vae_encoder_tile=args.vae_encoder_tile,
+        vae_decoder_tile=args.vae_decoder_tile,
+        sample_posterior=args.sample_posterior,
+        seed=args.seed,
+    )
+    if args.method == "pisa":
+        options.update(lambda_pix=args.lambda_pix, lambda_sem=args.lambda_sem)
+
+    written = 0
+    bar = tqdm(todo, unit="img", disable=args.quiet, dynamic_ncols=True)
+    tile_bar = None
+
+    def progress(ev: dict) -> None:
+        nonlocal tile_bar
+        if args.quiet or ev.get("total", 1) <= 1:
+            return
+        if tile_bar is None:
+            tile_bar = tqdm(total=ev["total"], unit="tile", leave=False, position=1, dynamic_ncols=True)
+        tile_bar.n = ev["done"]
+        tile_bar.refresh()
+
+    for src, rel in bar:
+        bar.set_postfix_str(str(rel), refresh=False)
+        try:
+            img = read_image(src, max_pixels=args.max_pixels)
+            t = time.perf_counter()
+            out = up.process(img, outscale=args.outscale, progress=progress, **options)
+            dst = output_path(outdir, rel, src, ext=ext, has_alpha=out.alpha is not None)
+            write_image(dst, out, overwrite=args.overwrite)
+            written += 1
+            if args.verbose:
+                tqdm.write(
+                    f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
+                    f"{time.perf_counter() - t:.1f} s)",
+                    file=sys.stderr,
+                )
+        except KeyboardInterrupt:
+            raise
+        except DiffSRError as e:
+            failed.append((src, str(e)))
+            tqdm.write(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # a broken image must not end the batch
+            failed.append((src, f"{type(e).__name__}: {e}"))
+            tqdm.write(f"error: {src}: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            if tile_bar is not None:
+                tile_bar.close()
+                tile_bar = None
+    bar.close()
+    summary = f"{written} written, {skipped} skipped (exist), {len(failed)} failed"
+    print(summary, file=sys.stderr)
+    if failed:
+        for src, msg in failed:
+            print(f"  failed: {msg if str(src) in msg else f'{src}: {msg}'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

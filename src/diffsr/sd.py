@@ -1,0 +1,159 @@
+"""Loading the Stable Diffusion parts a method needs: from a Hub id, a local folder, or in memory.
+
+A base model is a diffusers-format folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``)
+or a Hugging Face Hub id. Hub downloads go through huggingface_hub's cache and fetch only the
+files we load (no full checkpoints, no .bin duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import WeightsNotFoundError
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Only what we load; the Hub repos also hold single-file checkpoints and .bin duplicates.
+_ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_base(base: str | os.PathLike | None, *, default: str, env: str, flag: str = "--base") -> Path:
+    """Return a local diffusers-format folder for `base`.
+
+    base None → $env, else `default`. An existing folder is used as is; anything else is taken as
+    a Hub id and fetched into (or found in) the huggingface_hub cache. Without network and without
+    a cached copy, raise WeightsNotFoundError saying what is missing and how to point to a copy.
+    """
+    name = str(base) if base is not None else os.environ.get(env) or default
+    p = Path(name).expanduser()
+    if p.is_dir():
+        missing = [s for s in ("unet", "vae", "scheduler") if not (p / s).is_dir()]
+        if missing:
+            raise WeightsNotFoundError(
+                f"{p}: not a diffusers model folder (missing {', '.join(s + '/' for s in missing)})"
+            )
+        return p
+    if not _HUB_ID.match(name):
+        raise WeightsNotFoundError(f"{name}: no such model folder ({flag} PATH or ${env})")
+    return _hub_snapshot(name, env=env, flag=flag)
+
+
+def _hub_snapshot(repo_id: str, *, env: str, flag: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:  # a cached copy needs no network
+        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS))
+    except Exception as e:
+        raise WeightsNotFoundError(
+            f"base model {repo_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and could not be "
+            f"downloaded ({type(e).__name__}); download it where the Hub is reachable and pass "
+            f"{flag} /path/to/folder or set {env}"
+        ) from None
+
+
+def hub_file(repo_id: str, filename: str, *, env: str, flag: str) -> Path:
+    """Fetch one file of a Hub repo through the cache (cached copy first, then network)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:
+        raise WeightsNotFoundError(
+            f"{repo_id}/{filename} is not cached and could not be downloaded ({type(e).__name__}); "
+            f"download it and pass {flag} PATH or set {env}"
+        ) from None
+
+
+@dataclass
+class SDParts:
+    """The parts of a Stable Diffusion model. `alphas_cumprod`: (T,) float64 from the scheduler betas."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    tokenizer: object | None
+    alphas_cumprod: torch.Tensor
+
+
+def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1 from a diffusers scheduler config, whatever the scheduler class.
+
+    Supports the schedules SD uses: 'scaled_linear' (linear in sqrt β) and 'linear'.
+    """
+    t = int(cfg.get("num_train_timesteps", 1000))
+    b0, b1 = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, t, dtype=torch.float64) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, t, dtype=torch.float64)
+    else:
+        raise WeightsNotFoundError(
+            f"scheduler beta_schedule {kind!r} is not supported (scaled_linear, linear)"
+        )
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def load_sd_parts(
+    folder: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    text_encoder: bool = True,
+) -> SDParts:
+    """Load UNet, VAE (and text encoder + tokenizer) from a diffusers-format folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype or dtype)
+    te = tok = None
+    if text_encoder:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        te.to(device).eval().requires_grad_(False)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    unet.to(device).eval().requires_grad_(False)
+    vae.to(device).eval().requires_grad_(False)
+    return SDParts(unet, vae, te, tok, alphas_cumprod_from_config(sched))
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """CLIP last hidden state for each prompt: (len(prompts), 77, D), on the encoder's device/dtype.
+
+    Tokenised as the authors do: max_length 77, padding to max_length, truncation."""
+    dev = next(text_encoder.parameters()).device
+    ids = tokenizer(
+        prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(dev))[0]

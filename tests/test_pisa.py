@@ -1,0 +1,244 @@
+"""PiSA-SR against independent computations: hand-merged UNets, the authors' checkpoint layout."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from diffsr.errors import CheckpointError, WeightsNotFoundError
+from diffsr.methods.pisa import PisaConfig, PiSASR, PisaWeights, RunOptions, preprocess
+from diffsr.sd import encode_prompts
+from diffsr.synthetic import random_sd_parts
+
+
+def hand_merged_unet(sets: list[dict[str, torch.Tensor]], scale: float = 2.0):
+    """The tiny UNet (seed 0) with W + scale·B@A added by hand for each LoRA set (no peft)."""
+    unet = random_sd_parts("tiny", seed=0, text_encoder=False).unet
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for tensors in sets:
+            for key, a in tensors.items():
+                if ".lora_A." not in key:
+                    continue
+                module = key.split(".lora_A.")[0]
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                w = params[module + ".weight"]
+                if w.dim() == 2:
+                    delta = b @ a
+                else:  # conv: A keeps the kernel, B is 1x1
+                    delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+                w += scale * delta
+    return unet
+
+
+def empty_prompt():
+    parts = random_sd_parts("tiny", seed=0)
+    return encode_prompts(parts.text_encoder, parts.tokenizer, [""])
+
+
+def test_rank_and_scale_defaults(pisa_weights):
+    cfg = pisa_weights.config
+    assert (cfg.rank_pix, cfg.rank_sem, cfg.alpha_pix / cfg.rank_pix, cfg.timestep, cfg.prompt) == (
+        4,
+        4,
+        2.0,
+        1,
+        "",
+    )
+
+
+@pytest.mark.parametrize("lp,ls", [(1.0, 1.0), (0.5, 0.8), (0.0, 1.3), (1.2, 0.0), (0.0, 0.0)])
+def test_eq8_against_two_hand_merged_unets(pisa, pisa_weights, lp, ls):
+    z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(5))
+    emb = empty_prompt().expand(2, -1, -1)
+    u_pix = hand_merged_unet([pisa_weights.pix])
+    u_both = hand_merged_unet([pisa_weights.pix, pisa_weights.sem])
+    with torch.no_grad():
+        e_pix = u_pix(z, 1, encoder_hidden_states=emb).sample
+        e_both = u_both(z, 1, encoder_hidden_states=emb).sample
+    expected = lp * e_pix + ls * (e_both - e_pix)
+    pair = pisa.predict_pair(z)  # one batched UNet call
+    got = lp * pair[:, :4] + ls * (pair[:, 4:] - pair[:, :4])
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(e_pix, e_both, atol=1e-3)  # the semantic set matters
+
+
+def test_default_mode_is_one_merged_pass(pisa, pisa_weights):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    h = pisa.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    eps = pisa.predict_default(z)
+    pisa.predict_pair(z)
+    h.remove()
+    assert calls == [1, 2]  # default: one pass of batch 1; adjustable: ONE pass of batch 2
+    u_both = hand_merged_unet([pisa_weights.pix, pisa_weights.sem])
+    with torch.no_grad():
+        ref = u_both(z, 1, encoder_hidden_states=empty_prompt()).sample
+    torch.testing.assert_close(eps, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_no_second_unet_copy(pisa):
+    n_base = sum(p.numel() for n, p in pisa.unet.named_parameters() if "lora_" not in n)
+    fresh = random_sd_parts("tiny", seed=0, text_encoder=False).unet
+    assert n_base == sum(p.numel() for p in fresh.parameters())
+    n_lora = sum(p.numel() for n, p in pisa.unet.named_parameters() if "lora_" in n)
+    assert 0 < n_lora < 0.2 * n_base and not any(".pix." in n for n, _ in pisa.unet.named_parameters())
+
+
+def test_lambda_one_equals_default_and_rerender_equals_fresh(pisa):
+    lr = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(2))
+    y_default = pisa.restore(lr)
+    adj = pisa.adjustable(lr)
+    torch.testing.assert_close(adj.render(1.0, 1.0), y_default, atol=1e-4, rtol=0)
+    adj.render(1.4, 0.2)  # rendering must not change the stored state
+    y_fresh = pisa.restore(lr, lambda_pix=0.5, lambda_sem=0.8)
+    torch.testing.assert_close(adj.render(0.5, 0.8), y_fresh, atol=1e-6, rtol=0)
+    assert (adj.render(0.5, 0.8) - y_default).abs().max() > 1e-3
+
+
+def test_rerender_runs_no_unet(pisa):
+    lr = torch.rand(1, 3, 32, 32)
+    adj = pisa.adjustable(lr)
+    calls = []
+    h = pisa.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    adj.render(0.3, 0.9)
+    h.remove()
+    assert calls == []
+
+
+def test_encoding_deterministic_by_default_and_seedable(pisa):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    a = pisa.encode(x, RunOptions())
+    torch.testing.assert_close(a, pisa.encode(x, RunOptions()), atol=0, rtol=0)
+    s1 = pisa.encode(x, RunOptions(sample_posterior=True, seed=7))
+    s2 = pisa.encode(x, RunOptions(sample_posterior=True, seed=7))
+    s3 = pisa.encode(x, RunOptions(sample_posterior=True, seed=8))
+    torch.testing.assert_close(s1, s2, atol=0, rtol=0)
+    assert not torch.equal(s1, s3) and not torch.equal(s1, a)
+
+
+def _official_pkl(weights: PisaWeights) -> dict:
+    """The authors' layout, written here without diffsr's exporter."""
+    sd = {"lora_rank_unet_pix": 4, "lora_rank_unet_sem": 4, "state_dict_unet": {}}
+    for s, tensors in (("pix", weights.pix), ("sem", weights.sem)):
+        for loc in ("encoder", "decoder", "others"):
+            sd[f"unet_lora_{loc}_modules_{s}"] = []
+        for key, v in tensors.items():
+            module = key.split(".lora_")[0]
+            if "down_blocks" in module or "conv_in" in module:
+                loc = "encoder"
+            elif "up_blocks" in module or "conv_out" in module:
+                loc = "decoder"
+            else:
+                loc = "others"
+            if module not in sd[f"unet_lora_{loc}_modules_{s}"]:
+                sd[f"unet_lora_{loc}_modules_{s}"].append(module)
+            sd["state_dict_unet"][key.replace(f".{s}.", f".default_{loc}_{s}.")] = v
+    return sd
+
+
+def test_official_pkl_loads_and_matches_hand_merge(tmp_path, pisa_weights):
+    path = tmp_path / "pisa_sr.pkl"
+    torch.save(_official_pkl(pisa_weights), path)
+    w = PisaWeights.load(path)
+    assert set(w.config.targets_pix) == set(pisa_weights.config.targets_pix)
+    assert len(w.pix) + len(w.sem) == len(_official_pkl(pisa_weights)["state_dict_unet"])
+    model = PiSASR.from_parts(random_sd_parts("tiny", seed=0), w)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref_unet = hand_merged_unet([pisa_weights.pix, pisa_weights.sem])
+    with torch.no_grad():
+        ref = ref_unet(z, 1, encoder_hidden_states=empty_prompt()).sample
+    torch.testing.assert_close(model.predict_default(z), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_export_official_round_trip(tmp_path, pisa_weights):
+    p = pisa_weights.to_official(tmp_path / "x.pkl")
+    sd = torch.load(p, weights_only=True)
+    assert len(sd["unet_lora_encoder_modules_pix"]) + len(sd["unet_lora_decoder_modules_pix"]) + len(
+        sd["unet_lora_others_modules_pix"]
+    ) == len(pisa_weights.config.targets_pix)
+    assert all(".default_" in k for k in sd["state_dict_unet"])
+    back = PisaWeights.load(p)
+    for k, v in {**pisa_weights.pix, **pisa_weights.sem}.items():
+        assert torch.equal(v, {**back.pix, **back.sem}[k])
+
+
+def test_diffsr_format_round_trip(tmp_path, pisa_weights):
+    folder = pisa_weights.save(tmp_path / "w")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    back = PisaWeights.load(folder)
+    assert back.config == pisa_weights.config
+    assert back.pix.keys() == pisa_weights.pix.keys() and back.sem.keys() == pisa_weights.sem.keys()
+    assert all(torch.equal(back.pix[k], v) for k, v in pisa_weights.pix.items())
+    assert all(torch.equal(back.sem[k], v) for k, v in pisa_weights.sem.items())
+    assert PisaConfig.from_dict(pisa_weights.config.to_dict()) == pisa_weights.config
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict_unet": _Evil(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="evil.pkl: refused"):
+        PisaWeights.load(path)
+    assert not marker.exists()
+    torch.save({"state_dict_unet": {}, "x": _Evil(str(marker))}, tmp_path / "evil2.pkl")
+    with pytest.raises(CheckpointError, match="refused"):
+        PisaWeights.load(tmp_path / "evil2.pkl")
+    assert not marker.exists()
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="no such"):
+        PisaWeights.load(tmp_path / "missing.pkl")
+    torch.save({"foo": 1}, tmp_path / "other.pkl")
+    with pytest.raises(CheckpointError, match="not a PiSA-SR checkpoint"):
+        PisaWeights.load(tmp_path / "other.pkl")
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="junk.pkl"):
+        PisaWeights.load(tmp_path / "junk.pkl")
+
+
+def test_weights_missing_message(monkeypatch):
+    monkeypatch.delenv("DIFFSR_PISA_WEIGHTS", raising=False)
+    with pytest.raises(WeightsNotFoundError, match="--weights PATH or set DIFFSR_PISA_WEIGHTS"):
+        PiSASR.from_pretrained(None, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "h,w,up",
+    [(32, 40, (128 * 4, 160 * 4)), (130, 129, (520, 512)), (128, 200, (512, 800)), (20, 300, (512, 7680))],
+)
+def test_preprocess_sizes(h, w, up):
+    x, size = preprocess(torch.rand(1, 3, h, w))
+    assert tuple(x.shape[-2:]) == up
+    assert x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0
+    assert size == (4 * h, 4 * w)
+
+
+def test_preprocess_uses_pil_bicubic():
+    import numpy as np
+    from PIL import Image
+
+    a = (np.random.default_rng(0).random((140, 136, 3)) * 255).astype(np.uint8)
+    x, _ = preprocess(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)
+    ref = np.asarray(Image.fromarray(a).resize((544, 560), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    got = x[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - ref).mean() < 1.5 / 255  # same kernel; 8-bit rounding/clipping only
+
+
+@pytest.mark.parametrize("size", [(24, 28), (140, 136)])
+def test_restore_output_is_exactly_4x(pisa, size):
+    y = pisa.restore(torch.rand(1, 3, *size), lambda_pix=0.7, lambda_sem=0.4)
+    assert tuple(y.shape) == (1, 3, 4 * size[0], 4 * size[1])
+    assert y.min() >= 0 and y.max() <= 1 and torch.isfinite(y).all()

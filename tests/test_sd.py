@@ -1,0 +1,68 @@
+"""Loading SD parts: folders, Hub ids offline, schedules, devices and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffsr.devices import resolve_device, resolve_dtype
+from diffsr.errors import ConfigError, WeightsNotFoundError
+from diffsr.sd import alphas_cumprod_from_config, load_sd_parts, resolve_base
+from diffsr.synthetic import SCHEDULER
+
+
+def test_alphas_cumprod_sd_schedule():
+    ac = alphas_cumprod_from_config(SCHEDULER)
+    assert ac.shape == (1000,)
+    assert ac[999].item() == pytest.approx(0.004660, abs=5e-7)  # DESIGN §4: ᾱ_999
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    assert ac[1].item() == pytest.approx(((1 - betas[0]) * (1 - betas[1])).item(), rel=1e-12)
+
+
+def test_resolve_base_folder_and_missing(tmp_path, tiny_sd_dir):
+    assert resolve_base(str(tiny_sd_dir), default="x/y", env="DIFFSR_TEST_BASE") == tiny_sd_dir
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    with pytest.raises(WeightsNotFoundError, match=r"missing vae/, scheduler/"):
+        resolve_base(str(tmp_path / "half"), default="x/y", env="DIFFSR_TEST_BASE")
+    with pytest.raises(WeightsNotFoundError, match="no such model folder"):
+        resolve_base(str(tmp_path / "nope"), default="x/y", env="DIFFSR_TEST_BASE")
+
+
+def test_resolve_base_env(monkeypatch, tiny_sd_dir):
+    monkeypatch.setenv("DIFFSR_TEST_BASE", str(tiny_sd_dir))
+    assert resolve_base(None, default="x/y", env="DIFFSR_TEST_BASE") == tiny_sd_dir
+
+
+def test_hub_id_offline_error_names_flag_and_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve_base(None, default="stabilityai/stable-diffusion-2-1-base", env="DIFFSR_PISA_BASE")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "stabilityai/stable-diffusion-2-1-base" in msg and "--base" in msg and "DIFFSR_PISA_BASE" in msg
+
+
+def test_load_sd_parts_from_folder(tiny_sd_dir):
+    parts = load_sd_parts(tiny_sd_dir)
+    assert parts.unet.config.in_channels == 4 and parts.vae.config.scaling_factor == 0.18215
+    ids = parts.tokenizer(
+        [""], max_length=77, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+    assert ids.shape == (1, 77)
+    assert not any(p.requires_grad for p in parts.unet.parameters())
+
+
+def test_devices_and_dtypes():
+    cpu = resolve_device("cpu")
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16 and resolve_dtype(None, cpu) == torch.float32
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        resolve_dtype("fp16", cpu)
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_dtype("int8", cpu)
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
