@@ -48,3 +48,26 @@ def pisa(tiny_parts, pisa_weights):
 def pisa_dir(tmp_path_factory, pisa_weights):
     """PiSA-SR weights in diffsr's folder format."""
     return pisa_weights.save(tmp_path_factory.mktemp("pisa") / "weights")
+
+
+@pytest.fixture(scope="session")
+def s3diff_weights():
+    """Random S3Diff weights (LoRA, conv_in, modulation with O(1) init, estimator) for the tiny model."""
+    from diffsr.methods.s3diff import random_weights
+    from diffsr.synthetic import random_sd_parts
+
+    parts = random_sd_parts("tiny", seed=0, text_encoder=False)
+    return random_weights(parts.unet, parts.vae, seed=1, std=0.05)
+
+
+@pytest.fixture
+def s3diff(tiny_parts, s3diff_weights):
+    from diffsr.methods.s3diff import S3Diff
+
+    return S3Diff.from_parts(tiny_parts, s3diff_weights)
+
+
+@pytest.fixture(scope="session")
+def s3diff_dir(tmp_path_factory, s3diff_weights):
+    """S3Diff weights in diffsr's folder format (estimator included)."""
+    return s3diff_weights.save(tmp_path_factory.mktemp("s3diff") / "weights")

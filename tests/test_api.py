@@ -100,6 +100,13 @@ def test_adjustable_api_rerender(up):
     assert adj.render(1.0, 1.0, outscale=2).size == (32, 32)
 
 
+def test_return_info(up):
+    out, info = up.upscale(np.zeros((8, 8, 3), np.uint8), lambda_pix=0.3, return_info=True)
+    assert out.shape == (32, 32, 3) and info == {"mode": "adjustable", "lambda_pix": 0.3, "lambda_sem": 1.0}
+    outs, infos = up.upscale(torch.rand(2, 3, 8, 8), return_info=True)
+    assert outs.shape == (2, 3, 32, 32) and len(infos) == 2
+
+
 def test_unknown_option_is_an_error(up):
     with pytest.raises(ConfigError, match="unknown option"):
         up.upscale(np.zeros((8, 8, 3), np.uint8), lambda_x=1)
@@ -107,5 +114,19 @@ def test_unknown_option_is_an_error(up):
 
 def test_process_imagedata(up):
     d = ImageData(np.full((8, 8, 3), 0.5, np.float32), None, 8)
-    out = up.process(d)
+    out, info = up.process(d)
+    assert info["mode"] == "default"
     assert out.pixels.shape == (32, 32, 3) and out.bit_depth == 8
+
+
+def test_s3diff_through_the_api(s3diff):
+    up = Upscaler(s3diff)
+    rgba = np.zeros((10, 14, 4), np.uint8)
+    rgba[..., 3] = 200
+    out, info = up.upscale(Image.fromarray(rgba), return_info=True, blur=0.2)
+    assert out.mode == "RGBA" and out.size == (56, 40) and np.asarray(out)[..., 3].min() >= 199
+    assert info["used"]["blur"] == 0.2 and 0 < info["estimated"]["noise"] < 1
+    g = up.upscale(np.full((9, 7), 30000, np.uint16))
+    assert g.shape == (36, 28) and g.dtype == np.uint16
+    with pytest.raises(ConfigError, match="no adjustable mode"):
+        up.adjustable(np.zeros((8, 8, 3), np.uint8))

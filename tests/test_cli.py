@@ -166,3 +166,33 @@ def test_same_stem_collision_is_reported(tree, tmp_path, tiny_sd_dir, pisa_dir, 
     assert "already taken" in err and "--ext input" in err
     assert run([tree, "-o", tmp_path / "out2", "--ext", "input"], tiny_sd_dir, pisa_dir) == 0
     assert (tmp_path / "out2" / "a.png").exists() and (tmp_path / "out2" / "a.jpg").exists()
+
+
+def run_s3(args, tiny_sd_dir, s3diff_dir):
+    return main(["upscale", *map(str, args), "--method", "s3diff", "--base", str(tiny_sd_dir), "--weights",
+                 str(s3diff_dir), "-q"])  # fmt: skip
+
+
+def test_s3diff_tree_scores_and_overrides(tree, tmp_path, tiny_sd_dir, s3diff_dir, capsys):
+    out = tmp_path / "out"
+    assert run_s3([tree, "-o", out, "-v"], tiny_sd_dir, s3diff_dir) == 0
+    err = capsys.readouterr().err
+    assert "estimated=(blur=" in err and "4 written" in err
+    assert Image.open(out / "sub" / "b.png").mode == "RGBA" and Image.open(out / "sub" / "g.png").mode == "L"
+    assert Image.open(out / "a.png").size == (56, 48)
+    out2 = tmp_path / "out2"
+    assert run_s3([tree / "a.jpg", "-o", out2, "--blur", "0.9", "--noise", "0", "--tile-size", "4", "--tile-overlap", "1"],
+                  tiny_sd_dir, s3diff_dir) == 0  # fmt: skip
+    a, b = np.asarray(Image.open(out / "a.png")), np.asarray(Image.open(out2 / "a.png"))
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).max() > 0
+
+
+def test_method_specific_flags_checked(tree, tmp_path, tiny_sd_dir, s3diff_dir, pisa_dir, capsys):
+    assert run_s3([tree, "-o", tmp_path / "o", "--lambda-pix", "0.5"], tiny_sd_dir, s3diff_dir) == 2
+    assert "--lambda-pix applies to --method pisa" in capsys.readouterr().err
+    assert run([tree, "-o", tmp_path / "o", "--blur", "0.5"], tiny_sd_dir, pisa_dir) == 2
+    assert "--blur applies to --method s3diff" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["upscale", str(tree), "-o", "o", "--method", "s3diff", "--noise", "1.5"])
+    assert run([tree, "-o", tmp_path / "o", "--tile-size", "8"], tiny_sd_dir, pisa_dir) == 2
+    assert "--tile-overlap 32 must be smaller than --tile-size 8" in capsys.readouterr().err

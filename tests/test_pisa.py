@@ -89,11 +89,13 @@ def test_no_second_unet_copy(pisa):
 
 def test_lambda_one_equals_default_and_rerender_equals_fresh(pisa):
     lr = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(2))
-    y_default = pisa.restore(lr)
+    y_default, info = pisa.restore(lr)
+    assert info["mode"] == "default"
     adj = pisa.adjustable(lr)
     torch.testing.assert_close(adj.render(1.0, 1.0), y_default, atol=1e-4, rtol=0)
     adj.render(1.4, 0.2)  # rendering must not change the stored state
-    y_fresh = pisa.restore(lr, lambda_pix=0.5, lambda_sem=0.8)
+    y_fresh, info = pisa.restore(lr, lambda_pix=0.5, lambda_sem=0.8)
+    assert info == {"mode": "adjustable", "lambda_pix": 0.5, "lambda_sem": 0.8}
     torch.testing.assert_close(adj.render(0.5, 0.8), y_fresh, atol=1e-6, rtol=0)
     assert (adj.render(0.5, 0.8) - y_default).abs().max() > 1e-3
 
@@ -239,6 +241,6 @@ def test_preprocess_uses_pil_bicubic():
 
 @pytest.mark.parametrize("size", [(24, 28), (140, 136)])
 def test_restore_output_is_exactly_4x(pisa, size):
-    y = pisa.restore(torch.rand(1, 3, *size), lambda_pix=0.7, lambda_sem=0.4)
+    y, _ = pisa.restore(torch.rand(1, 3, *size), lambda_pix=0.7, lambda_sem=0.4)
     assert tuple(y.shape) == (1, 3, 4 * size[0], 4 * size[1])
     assert y.min() >= 0 and y.max() <= 1 and torch.isfinite(y).all()

@@ -1,8 +1,8 @@
 """diffsr: real-world image super-resolution with pretrained diffusion priors.
 
-    import diffsr
-    up = diffsr.load("pisa", weights="pisa_sr.pkl")
-    out = up.upscale(image)
+import diffsr
+up = diffsr.load("pisa", weights="pisa_sr.pkl")
+out = up.upscale(image)
 """
 
 from __future__ import annotations

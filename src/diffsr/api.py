@@ -58,25 +58,39 @@ class Upscaler:
     def __repr__(self) -> str:
         return f"Upscaler(method={self.method!r}, scale={self.scale}, device={self.model.device}, dtype={self.model.dtype})"
 
-    def upscale(self, image, *, outscale: float | None = None, **options: Any):
+    def upscale(self, image, *, outscale: float | None = None, return_info: bool = False, **options: Any):
         """Super-resolve `image` (PIL.Image, NumPy array (H,W[,C]) uint8/uint16/float in [0,1], or
         tensor (C,H,W)/(B,C,H,W) float in [0,1], C in {1,3,4}). Returns the same kind, `outscale`×
-        larger (default: the method's native ×4). Options are the method's (e.g. lambda_pix,
-        lambda_sem, color_fix, tile_size, seed, progress)."""
-        return _convert(image, lambda data: self.process(data, outscale=outscale, **options))
+        larger (default: the method's native ×4); with return_info, also a dict of what the method
+        used or estimated (for a batch of tensors: a list of dicts). Options are the method's (e.g.
+        lambda_pix, lambda_sem, blur, noise, color_fix, tile_size, seed, progress)."""
+        infos: list[dict] = []
 
-    def process(self, data: ImageData, *, outscale: float | None = None, **options: Any) -> ImageData:
-        """ImageData in → ImageData out (used by the CLI). Alpha is upscaled separately (bicubic);
-        grayscale input gives grayscale output (ITU-R 601 luma of the result)."""
-        rgb = _rgb_tensor(data)
-        y = self.model.restore(rgb, **options)
-        return _finish(y, data, outscale, self.scale)
+        def run(data: ImageData) -> ImageData:
+            out, info = self.process(data, outscale=outscale, **options)
+            infos.append(info)
+            return out
+
+        result = _convert(image, run)
+        if not return_info:
+            return result
+        return result, (infos if isinstance(image, torch.Tensor) and image.dim() == 4 else infos[0])
+
+    def process(
+        self, data: ImageData, *, outscale: float | None = None, **options: Any
+    ) -> tuple[ImageData, dict]:
+        """ImageData in → (ImageData, info) out (used by the CLI). Alpha is upscaled separately
+        (bicubic); grayscale input gives grayscale output (ITU-R 601 luma of the result)."""
+        y, info = self.model.restore(_rgb_tensor(data), **options)
+        return _finish(y, data, outscale, self.scale), info
 
     def adjustable(self, image, **options: Any) -> AdjustableImage:
         """PiSA-SR only: run the UNet once and get an object whose `render(lambda_pix, lambda_sem)`
         returns the image for any λ without running the UNet again."""
         if not hasattr(self.model, "adjustable"):
             raise ConfigError(f"method {self.method!r} has no adjustable mode (PiSA-SR has)")
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] != 1:
+            raise ConfigError("adjustable() takes one image; got a batch of tensors")
         holder: dict = {}
 
         def run(data: ImageData) -> ImageData:

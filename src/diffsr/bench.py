@@ -127,3 +127,40 @@ def format_table(rows: list[Measurement]) -> str:
         mem = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes else "n/a"
         lines.append(f"{m.name:<34}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{mem:>10}")
     return "\n".join(lines)
+
+
+def random_model(method: str, size: str = "tiny", *, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A method model with random weights of the `size` config ("tiny" or "sd21"): real shapes, real
+    costs, meaningless outputs. Built in fp32 and cast the way `from_pretrained` casts."""
+    from .methods.base import vae_dtype_for
+    from .synthetic import random_sd_parts
+
+    parts = random_sd_parts(size, seed=seed, device=device)
+    torch.nn.Module.to(parts.vae, vae_dtype_for(None, dtype, device))
+    if method == "pisa":
+        from .methods import pisa
+
+        return pisa.PiSASR.from_parts(parts, pisa.random_weights(parts.unet, seed=seed + 1), dtype=dtype)
+    if method == "s3diff":
+        from .methods import s3diff
+
+        w = s3diff.random_weights(parts.unet, parts.vae, seed=seed + 1)
+        return s3diff.S3Diff.from_parts(parts, w, dtype=dtype)
+    raise ValueError(f"no random model for method {method!r}")
+
+
+def method_cases(method: str, model, lr: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
+    """The modes worth timing for each method, as (name, zero-argument callable)."""
+    if method == "pisa":
+        adj = model.adjustable(lr)
+        return [
+            ("default (λ=1,1, merged)", lambda: model.restore(lr)),
+            ("adjustable (λ=0.5,0.8, batched)", lambda: model.restore(lr, lambda_pix=0.5, lambda_sem=0.8)),
+            ("re-render (decode only)", lambda: adj.render(0.7, 1.1)),
+        ]
+    if method == "s3diff":
+        return [
+            ("batched CFG (one UNet call)", lambda: model.restore(lr)),
+            ("two CFG passes (authors' way)", lambda: model.restore(lr, cfg_batched=False)),
+        ]
+    raise ValueError(f"no benchmark cases for method {method!r}")

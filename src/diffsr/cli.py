@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-METHOD_CHOICES = ("pisa",)
+METHOD_CHOICES = ("pisa", "s3diff")
+# method-specific options: CLI dest → (method, API keyword)
+METHOD_OPTIONS = {
+    "lambda_pix": ("pisa", "lambda_pix"),
+    "lambda_sem": ("pisa", "lambda_sem"),
+    "blur": ("s3diff", "blur"),
+    "noise": ("s3diff", "noise"),
+    "guidance_scale": ("s3diff", "guidance_scale"),
+}
 
 
 def _positive_float(s: str) -> float:
@@ -22,6 +30,13 @@ def _nonneg_float(s: str) -> float:
     v = float(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
     return v
 
 
@@ -67,12 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="method weights: the authors' checkpoint or a diffsr folder (env DIFFSR_<METHOD>_WEIGHTS)",
     )
     g = u.add_argument_group("PiSA-SR")
+    g.add_argument("--lambda-pix", type=_nonneg_float, help="pixel-level guidance λ_pix (default 1)")
+    g.add_argument("--lambda-sem", type=_nonneg_float, help="semantic-level guidance λ_sem (default 1)")
+    g = u.add_argument_group("S3Diff")
     g.add_argument(
-        "--lambda-pix", type=_nonneg_float, default=1.0, help="pixel-level guidance λ_pix (default 1)"
+        "--de-net", metavar="PATH", help="the degradation estimator de_net.pth (env DIFFSR_DE_NET)"
     )
-    g.add_argument(
-        "--lambda-sem", type=_nonneg_float, default=1.0, help="semantic-level guidance λ_sem (default 1)"
-    )
+    g.add_argument("--blur", type=_unit_float, help="override the estimated blur score (0..1)")
+    g.add_argument("--noise", type=_unit_float, help="override the estimated noise score (0..1)")
+    g.add_argument("--guidance-scale", type=_nonneg_float, help="CFG scale (default 1.07)")
     o = u.add_argument_group("output")
     o.add_argument("--outscale", type=_positive_float, help="final scale (Lanczos after the native ×4)")
     o.add_argument(
@@ -163,11 +181,37 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict):
+        return "(" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + ")"
+    return str(v)
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import DiffSRError
     from .io import find_images, output_path, read_image, write_image
+
+    method_opts = {}
+    for dest, (method, key) in METHOD_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if method != args.method:
+            flag = "--" + dest.replace("_", "-")
+            print(f"diffsr: error: {flag} applies to --method {method}, not {args.method}", file=sys.stderr)
+            return 2
+        method_opts[key] = value
+    if args.tile_overlap >= args.tile_size:
+        print(f"diffsr: error: --tile-overlap {args.tile_overlap} must be smaller than --tile-size {args.tile_size}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.de_net and args.method != "s3diff":
+        print(f"diffsr: error: --de-net applies to --method s3diff, not {args.method}", file=sys.stderr)
+        return 2
 
     outdir = Path(args.output)
     jobs = []
@@ -205,7 +249,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .api import load
 
     t0 = time.perf_counter()
-    up = load(args.method, weights=args.weights, base=args.base, device=args.device, dtype=args.dtype)
+    extra = {"de_net": args.de_net} if args.method == "s3diff" else {}
+    up = load(
+        args.method, weights=args.weights, base=args.base, device=args.device, dtype=args.dtype, **extra
+    )
     if args.verbose:
         print(f"loaded {up!r} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
@@ -219,8 +266,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         sample_posterior=args.sample_posterior,
         seed=args.seed,
     )
-    if args.method == "pisa":
-        options.update(lambda_pix=args.lambda_pix, lambda_sem=args.lambda_sem)
+    options.update(method_opts)
 
     written = 0
     bar = tqdm(todo, unit="img", disable=args.quiet, dynamic_ncols=True)
@@ -240,14 +286,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         try:
             img = read_image(src, max_pixels=args.max_pixels)
             t = time.perf_counter()
-            out = up.process(img, outscale=args.outscale, progress=progress, **options)
+            out, info = up.process(img, outscale=args.outscale, progress=progress, **options)
             dst = output_path(outdir, rel, src, ext=ext, has_alpha=out.alpha is not None)
             write_image(dst, out, overwrite=args.overwrite)
             written += 1
             if args.verbose:
+                details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items())
                 tqdm.write(
                     f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
-                    f"{time.perf_counter() - t:.1f} s)",
+                    f"{time.perf_counter() - t:.1f} s; {details})",
                     file=sys.stderr,
                 )
         except KeyboardInterrupt:

@@ -50,11 +50,36 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def add_lora(model: nn.Module, name: str, targets: Sequence[str], rank: int, alpha: float) -> None:
-    """Inject a peft LoRA adapter `name` (Gaussian init, B = 0) on the `targets` modules of `model`."""
-    from peft import LoraConfig, inject_adapter_in_model
+def _config(targets: str | Sequence[str], rank: int = 4, alpha: float = 8):
+    from peft import LoraConfig
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=targets if isinstance(targets, str) else list(targets),
+    )
+
+
+def matching_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Names of the Linear/Conv2d modules peft wraps for `targets` (a regex, fully matched, or a list
+    of names/suffixes), by peft's own matching rule. Works on the meta device."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    cfg = _config(targets)
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and check_target_module_exists(cfg, n)
+    ]
+
+
+def add_lora(model: nn.Module, name: str, targets: str | Sequence[str], rank: int, alpha: float) -> None:
+    """Inject a peft LoRA adapter `name` (Gaussian init, B = 0) on the `targets` modules of `model`
+    (a list of module names/suffixes, or a regex string fully matched against module names)."""
+    from peft import inject_adapter_in_model
+
+    cfg = _config(targets, rank, alpha)
     with warnings.catch_warnings():  # "Already found a peft_config": several adapters are what we want
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(cfg, model, adapter_name=name)
@@ -131,3 +156,31 @@ def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str]):
     finally:
         for h in handles:
             h.remove()
+
+
+def lora_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of peft's (lora_A, lora_B) weights for a Linear or Conv2d: A keeps a conv's kernel, B is 1x1."""
+    if isinstance(module, nn.Conv2d):
+        return (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+    if isinstance(module, nn.Linear):
+        return (rank, module.in_features), (module.out_features, rank)
+    raise TypeError(f"LoRA supports Linear and Conv2d, not {type(module).__name__}")
+
+
+def random_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    adapter: str,
+    rank: int,
+    *,
+    generator: torch.Generator,
+    std: float,
+) -> dict[str, torch.Tensor]:
+    """Random A and B (B non-zero, so the adapter changes outputs) keyed as peft names them."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in targets:
+        a_shape, b_shape = lora_shapes(modules[name], rank)
+        out[f"{name}.lora_A.{adapter}.weight"] = torch.randn(a_shape, generator=generator) * std
+        out[f"{name}.lora_B.{adapter}.weight"] = torch.randn(b_shape, generator=generator) * std
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,19 +25,10 @@ from .. import checkpoints, lora
 from ..color import color_fix as apply_color_fix
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
-from ..latents import (
-    LATENT_OVERLAP,
-    LATENT_TILE,
-    VAE_DECODER_PAD,
-    VAE_DECODER_TILE,
-    VAE_ENCODER_PAD,
-    VAE_ENCODER_TILE,
-    tiled_predict,
-    vae_decode,
-    vae_encode,
-)
+from ..latents import tiled_predict
 from ..resize import pil_resize
 from ..sd import SDParts, encode_prompts, load_sd_parts, resolve_base
+from .base import LatentSR, RunOptions, vae_dtype_for
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
 ENV_BASE = "DIFFSR_PISA_BASE"
@@ -167,19 +157,7 @@ def random_weights(unet: torch.nn.Module, *, seed: int = 0, rank: int = 4, std: 
     and benchmarks; B is non-zero so that each set changes the output)."""
     targets = tuple(lora.unet_lora_targets(unet))
     g = torch.Generator().manual_seed(seed)
-    modules = dict(unet.named_modules())
-    sets = {}
-    for s in ADAPTERS:
-        sets[s] = {}
-        for name in targets:
-            m = modules[name]
-            if isinstance(m, torch.nn.Conv2d):
-                a_shape = (rank, m.in_channels, *m.kernel_size)
-                b_shape = (m.out_channels, rank, 1, 1)
-            else:
-                a_shape, b_shape = (rank, m.in_features), (m.out_features, rank)
-            sets[s][f"{name}.lora_A.{s}.weight"] = torch.randn(a_shape, generator=g) * std
-            sets[s][f"{name}.lora_B.{s}.weight"] = torch.randn(b_shape, generator=g) * std
+    sets = {s: lora.random_lora(unet, targets, s, rank, generator=g, std=std) for s in ADAPTERS}
     return PisaWeights(PisaConfig(targets, targets, rank, rank), sets["pix"], sets["sem"])
 
 
@@ -209,33 +187,17 @@ def postprocess(y: torch.Tensor, x_up: torch.Tensor, size: tuple[int, int], colo
     return y
 
 
-@dataclass
-class RunOptions:
-    """Per-call settings shared by the PiSA-SR entry points."""
-
-    color_fix: str = "adain"
-    tile_size: int = LATENT_TILE
-    tile_overlap: int = LATENT_OVERLAP
-    tile_batch: int = 4
-    vae_encoder_tile: int = VAE_ENCODER_TILE
-    vae_decoder_tile: int = VAE_DECODER_TILE
-    sample_posterior: bool = False
-    seed: int | None = None
-    progress: Callable[[dict], None] | None = None
-
-
-class PiSASR:
+class PiSASR(LatentSR):
     """A loaded PiSA-SR model. Build with `from_pretrained` (real weights) or `from_parts`."""
 
     name = "pisa"
-    scale = 4
     default_color_fix = "adain"
 
     def __init__(
         self, parts: SDParts, weights: PisaWeights, prompt_embeds: torch.Tensor, *, dtype: torch.dtype
     ):
-        """parts: SD UNet and VAE (fp32 recommended: the LoRA sets are merged before casting to
-        `dtype`); prompt_embeds: (1, 77, D) text embedding of the (empty) prompt."""
+        """parts: SD UNet and VAE (the LoRA sets are merged in fp32, as the authors do, before the
+        UNet is cast to `dtype`); prompt_embeds: (1, 77, D) text embedding of the (empty) prompt."""
         self.config = weights.config
         self.weights = weights
         self.unet, self.vae = parts.unet, parts.vae
@@ -243,10 +205,11 @@ class PiSASR:
         self.dtype = dtype
         self.prompt_embeds = prompt_embeds.to(self.device, dtype)
         cfg = weights.config
-        torch.nn.Module.to(self.unet, torch.float32)  # nn.Module.to: diffusers' override only adds a warning
+        # nn.Module.to: diffusers' override only adds a warning about fp32 modules SD does not have
+        torch.nn.Module.to(self.unet, torch.float32)
         lora.add_lora(self.unet, "pix", cfg.targets_pix, cfg.rank_pix, cfg.alpha_pix)
         lora.load_lora_tensors(self.unet, "pix", weights.pix)
-        lora.fold_adapters(self.unet)  # base + pix, computed in fp32 as the authors do
+        lora.fold_adapters(self.unet)  # base + pix: active in every mode
         lora.add_lora(self.unet, "sem", cfg.targets_sem, cfg.rank_sem, cfg.alpha_sem)
         lora.load_lora_tensors(self.unet, "sem", weights.sem)
         lora.merge_adapter(self.unet, "sem")  # default mode; unmerged on demand
@@ -277,15 +240,16 @@ class PiSASR:
                 raise WeightsNotFoundError(f"{src}: no such file or folder. {WEIGHTS_HELP}")
             weights = PisaWeights.load(src)
         folder = resolve_base(base, default=weights.config.base, env=ENV_BASE)
-        vdt = _vae_dtype(vae_dtype, dt, dev)
-        parts = load_sd_parts(folder, device=dev, dtype=torch.float32, vae_dtype=vdt)
+        parts = load_sd_parts(
+            folder, device=dev, dtype=torch.float32, vae_dtype=vae_dtype_for(vae_dtype, dt, dev)
+        )
         return cls.from_parts(parts, weights, dtype=dt)
 
     @classmethod
     def from_parts(
         cls, parts: SDParts, weights: PisaWeights, *, dtype: torch.dtype = torch.float32
     ) -> PiSASR:
-        """Build from SD parts in memory (text encoder used once for the prompt, then released)."""
+        """Build from SD parts in memory (the text encoder embeds the prompt once, then is released)."""
         if parts.text_encoder is None:
             raise ConfigError("PiSA-SR needs the text encoder once, to embed its (empty) prompt")
         emb = encode_prompts(parts.text_encoder, parts.tokenizer, [weights.config.prompt])
@@ -296,7 +260,7 @@ class PiSASR:
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         return self.weights.save(folder)
 
-    # ---------------------------------------------------------------- building blocks
+    # ---------------------------------------------------------------- UNet passes
     def _set_sem_merged(self, merged: bool) -> None:
         # Switching modes merges/unmerges the semantic LoRA in place; in fp32 the round trip is exact
         # to ~1e-7, in fp16/bf16 each switch adds a rounding step (reload for bit-exact results).
@@ -324,72 +288,38 @@ class PiSASR:
             eps = self._unet(torch.cat([z, z]))
         return torch.cat([eps[:n], eps[n:]], dim=1)
 
-    def encode(self, x_up: torch.Tensor, opts: RunOptions) -> torch.Tensor:
-        """x_up (1, 3, H, W) in [0, 1] → z_L (1, 4, H/8, W/8) fp32 (posterior mode unless sampling)."""
-        gen = None
-        if opts.sample_posterior:
-            gen = torch.Generator(self.device)
-            if opts.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(opts.seed)
-        x = x_up.to(self.device) * 2 - 1
-        z = vae_encode(
-            self.vae,
-            x,
-            sample=opts.sample_posterior,
-            generator=gen,
-            tile=opts.vae_encoder_tile,
-            pad=VAE_ENCODER_PAD,
-        )
-        return z.float()
-
-    def decode(self, z: torch.Tensor, opts: RunOptions) -> torch.Tensor:
-        """z (1, 4, h, w) → image (1, 3, 8h, 8w) in [0, 1], fp32."""
-        x = vae_decode(self.vae, z, tile=opts.vae_decoder_tile, pad=VAE_DECODER_PAD)
-        return (x.float() + 1) / 2
-
     # ---------------------------------------------------------------- entry points
     @torch.no_grad()
     def restore(
         self, lr: torch.Tensor, *, lambda_pix: float = 1.0, lambda_sem: float = 1.0, **options
-    ) -> torch.Tensor:
-        """lr (1, 3, h, w) in [0, 1] → SR (1, 3, 4h, 4w) in [0, 1], fp32 on CPU.
+    ) -> tuple[torch.Tensor, dict]:
+        """lr (1, 3, h, w) in [0, 1] → (SR (1, 3, 4h, 4w) in [0, 1] fp32 on CPU, info dict).
 
         λ = (1, 1) runs the merged default mode (one UNet pass); other values the adjustable mode."""
-        if float(lambda_pix) == 1.0 and float(lambda_sem) == 1.0:
-            opts = self._options(options)
+        lp, ls = float(lambda_pix), float(lambda_sem)
+        if lp == 1.0 and ls == 1.0:
+            opts = self.options(options)
             x_up, size = preprocess(lr.float().cpu())
-            z = self.encode(x_up, opts)
-            eps = tiled_predict(self.predict_default, z, **self._tiling(opts))
+            z = self.encode(x_up * 2 - 1, opts)
+            eps = tiled_predict(self.predict_default, z, **opts.tiling())
             y = self.decode(z - eps, opts)
-            return postprocess(y, x_up, size, opts.color_fix).cpu()
-        return self.adjustable(lr, **options).render(lambda_pix, lambda_sem)
+            return postprocess(y, x_up, size, opts.color_fix).cpu(), {
+                "mode": "default",
+                "lambda_pix": lp,
+                "lambda_sem": ls,
+            }
+        y = self.adjustable(lr, **options).render(lp, ls)
+        return y, {"mode": "adjustable", "lambda_pix": lp, "lambda_sem": ls}
 
     @torch.no_grad()
     def adjustable(self, lr: torch.Tensor, **options) -> PisaAdjustable:
         """Run the VAE encoder and ONE batched UNet pass; return an object that renders any (λ_pix, λ_sem)
         with only the latent update and the VAE decoder."""
-        opts = self._options(options)
+        opts = self.options(options)
         x_up, size = preprocess(lr.float().cpu())
-        z = self.encode(x_up, opts)
-        eps = tiled_predict(self.predict_pair, z, **self._tiling(opts))
+        z = self.encode(x_up * 2 - 1, opts)
+        eps = tiled_predict(self.predict_pair, z, **opts.tiling())
         return PisaAdjustable(self, z, eps[:, :4], eps[:, 4:], x_up, size, opts)
-
-    def _options(self, options: dict) -> RunOptions:
-        unknown = set(options) - set(RunOptions.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"PiSA-SR got unknown option(s): {', '.join(sorted(unknown))}")
-        opts = RunOptions(**{k: v for k, v in options.items() if v is not None})
-        if opts.color_fix not in ("adain", "wavelet", "none"):
-            raise ConfigError(f"color_fix={opts.color_fix!r} is not one of adain, wavelet, none")
-        return opts
-
-    @staticmethod
-    def _tiling(opts: RunOptions) -> dict:
-        return dict(
-            tile=opts.tile_size, overlap=opts.tile_overlap, batch_size=opts.tile_batch, progress=opts.progress
-        )
 
 
 @dataclass
@@ -417,10 +347,3 @@ class PisaAdjustable:
         eps = lp * self.eps_pix + ls * (self.eps_pixsem - self.eps_pix)
         y = self.model.decode(self.z - eps, self.options)
         return postprocess(y, self.x_up, self.size, color_fix or self.options.color_fix).cpu()
-
-
-def _vae_dtype(vae_dtype, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The VAE stays fp32 when the model runs in fp16 (SD's VAE overflows in fp16 at large sizes)."""
-    if vae_dtype is not None:
-        return resolve_dtype(vae_dtype, device)
-    return torch.float32 if dtype == torch.float16 else dtype
