@@ -1,5 +1,4 @@
-"""`diffsr` command line: a thin layer over diffsr.api. Heavy imports happen inside commands so
-that `--help` and argument errors are instant."""
+"""`diffsr upscale`: super-resolve files and folders."""
 
 from __future__ import annotations
 
@@ -7,6 +6,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from ._args import nonneg_float, nonneg_int, positive_float, positive_int, quiet_libraries, unit_float
 
 METHOD_CHOICES = ("pisa", "s3diff")
 # method-specific options: CLI dest → (method, API keyword)
@@ -19,48 +20,7 @@ METHOD_OPTIONS = {
 }
 
 
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _unit_float(s: str) -> float:
-    v = float(s)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="diffsr", description="Real-world image super-resolution with diffusion priors."
-    )
-    p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def register(sub) -> None:
     u = sub.add_parser(
         "upscale",
         help="super-resolve images (files or folders, recursively)",
@@ -82,17 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="method weights: the authors' checkpoint or a diffsr folder (env DIFFSR_<METHOD>_WEIGHTS)",
     )
     g = u.add_argument_group("PiSA-SR")
-    g.add_argument("--lambda-pix", type=_nonneg_float, help="pixel-level guidance λ_pix (default 1)")
-    g.add_argument("--lambda-sem", type=_nonneg_float, help="semantic-level guidance λ_sem (default 1)")
+    g.add_argument("--lambda-pix", type=nonneg_float, help="pixel-level guidance λ_pix (default 1)")
+    g.add_argument("--lambda-sem", type=nonneg_float, help="semantic-level guidance λ_sem (default 1)")
     g = u.add_argument_group("S3Diff")
     g.add_argument(
         "--de-net", metavar="PATH", help="the degradation estimator de_net.pth (env DIFFSR_DE_NET)"
     )
-    g.add_argument("--blur", type=_unit_float, help="override the estimated blur score (0..1)")
-    g.add_argument("--noise", type=_unit_float, help="override the estimated noise score (0..1)")
-    g.add_argument("--guidance-scale", type=_nonneg_float, help="CFG scale (default 1.07)")
+    g.add_argument("--blur", type=unit_float, help="override the estimated blur score (0..1)")
+    g.add_argument("--noise", type=unit_float, help="override the estimated noise score (0..1)")
+    g.add_argument("--guidance-scale", type=nonneg_float, help="CFG scale (default 1.07)")
     o = u.add_argument_group("output")
-    o.add_argument("--outscale", type=_positive_float, help="final scale (Lanczos after the native ×4)")
+    o.add_argument("--outscale", type=positive_float, help="final scale (Lanczos after the native ×4)")
     o.add_argument(
         "--ext",
         default="png",
@@ -104,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default: the method's)"
     )
     t = u.add_argument_group("tiling")
-    t.add_argument("--tile-size", type=_positive_int, default=96, help="latent tile size (default 96)")
-    t.add_argument("--tile-overlap", type=_nonneg_int, default=32, help="latent tile overlap (default 32)")
+    t.add_argument("--tile-size", type=positive_int, default=96, help="latent tile size (default 96)")
+    t.add_argument("--tile-overlap", type=nonneg_int, default=32, help="latent tile overlap (default 32)")
     t.add_argument(
-        "--tile-batch", type=_positive_int, default=4, help="latent tiles per UNet call (default 4)"
+        "--tile-batch", type=positive_int, default=4, help="latent tiles per UNet call (default 4)"
     )
     t.add_argument(
-        "--vae-encoder-tile", type=_positive_int, default=1024, help="VAE encoder tile, pixels (default 1024)"
+        "--vae-encoder-tile", type=positive_int, default=1024, help="VAE encoder tile, pixels (default 1024)"
     )
     t.add_argument(
         "--vae-decoder-tile",
-        type=_positive_int,
+        type=positive_int,
         default=224,
         help="VAE decoder tile, latent px (default 224)",
     )
@@ -130,55 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample the VAE posterior as the authors' code does (default: its mode, deterministic)",
     )
     r.add_argument(
-        "--max-pixels", type=_positive_int, default=1 << 24, help="refuse inputs above this many pixels"
+        "--max-pixels", type=positive_int, default=1 << 24, help="refuse inputs above this many pixels"
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument("-v", "--verbose", action="store_true", help="print per-image details")
-    u.set_defaults(func=cmd_upscale)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.version:
-        from . import __version__
-
-        print(f"diffsr {__version__}")
-        return 0
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from .errors import DiffSRError
-
-    try:
-        return args.func(args)
-    except DiffSRError as e:
-        print(f"diffsr: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffsr: interrupted", file=sys.stderr)
-        return 130
-
-
-def _quiet_libraries() -> None:
-    """diffusers/transformers/huggingface_hub print load-time progress bars and notes; the CLI has its own."""
-    import logging
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("diffusers", "transformers", "huggingface_hub", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - logging tweaks are best effort
-        pass
+    u.set_defaults(func=run)
 
 
 def _fmt(v) -> str:
@@ -189,11 +105,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def cmd_upscale(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .errors import DiffSRError
-    from .io import find_images, output_path, read_image, write_image
+    from ..errors import DiffSRError
+    from ..io import find_images, output_path, read_image, write_image
 
     method_opts = {}
     for dest, (method, key) in METHOD_OPTIONS.items():
@@ -245,8 +161,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             )
         return 1 if failed else 0
 
-    _quiet_libraries()
-    from .api import load
+    quiet_libraries()
+    from ..api import load
 
     t0 = time.perf_counter()
     extra = {"de_net": args.de_net} if args.method == "s3diff" else {}
@@ -317,7 +233,3 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             print(f"  failed: {msg if str(src) in msg else f'{src}: {msg}'}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
