@@ -164,3 +164,48 @@ def method_cases(method: str, model, lr: torch.Tensor) -> list[tuple[str, Callab
             ("two CFG passes (authors' way)", lambda: model.restore(lr, cfg_batched=False)),
         ]
     raise ValueError(f"no benchmark cases for method {method!r}")
+
+
+def run_benchmark(
+    methods: list[str],
+    *,
+    size: str = "tiny",
+    inputs: list[int] = (128,),
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int = 1,
+    repeats: int = 3,
+    load_kwargs: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Time every case of every method at every LR side in `inputs` (square images, ×4 output).
+
+    Random weights of `size` unless `load_kwargs` (weights/base/...) are given, then the real model
+    is loaded with diffsr.load. Returns {"environment", "size", "runs": [{method, input, output,
+    cases: [Measurement.to_dict()]}]} and logs a table per run."""
+    import gc
+
+    results = {"environment": environment(device, dtype), "size": size if not load_kwargs else "pretrained",
+               "warmup": warmup, "repeats": repeats, "runs": []}  # fmt: skip
+    for method in methods:
+        t = time.perf_counter()
+        if load_kwargs:
+            from .api import load
+
+            model = load(method, device=device, dtype=dtype, **load_kwargs).model
+        else:
+            model = random_model(method, size, device=device, dtype=dtype)
+        log(f"built {method} ({results['size']}) on {device} in {time.perf_counter() - t:.1f} s")
+        for side in inputs:
+            lr = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+            rows = [measure(name, fn, device=device, warmup=warmup, repeats=repeats)
+                    for name, fn in method_cases(method, model, lr)]  # fmt: skip
+            log(
+                f"\n{method}, {side}->{4 * side}, {device} {str(dtype).removeprefix('torch.')}:\n{format_table(rows)}"
+            )
+            results["runs"].append(
+                {"method": method, "input": side, "output": 4 * side, "cases": [r.to_dict() for r in rows]}
+            )
+        del model
+        gc.collect()
+    return results

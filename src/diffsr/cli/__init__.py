@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import upscale
+from . import bench, degrade, upscale
 
-SUBCOMMANDS = (upscale,)
+SUBCOMMANDS = (upscale, degrade, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
