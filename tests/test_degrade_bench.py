@@ -75,3 +75,17 @@ def test_bench_json_fields(tmp_path, capsys):
         assert len(case["seconds"]) == 2 and case["min"] <= case["median"] <= case["max"]
         assert case["peak_bytes"] > 0 and case["peak_kind"] in ("rss_peak", "rss_peak_since_start")
     assert "median s" in capsys.readouterr().out
+
+
+def test_degrade_upscale_eval_end_to_end(hr_dir, tmp_path, tiny_sd_dir, pisa_dir, capsys):
+    pairs = tmp_path / "pairs"
+    main(["degrade", str(hr_dir / "a.png"), str(hr_dir / "sub" / "b.jpg"), "-o", str(pairs), "--preset", "bicubic",
+          "-q"])  # fmt: skip
+    assert main(["upscale", str(pairs / "lr"), "-o", str(tmp_path / "sr"), "--base", str(tiny_sd_dir), "--weights",
+                 str(pisa_dir), "-q"]) == 0  # fmt: skip
+    report = tmp_path / "report"
+    assert main(["eval", "--pred", str(tmp_path / "sr"), "--gt", str(pairs / "hr"), "--metrics", "psnr,ssim", "-o",
+                 str(report), "-q"]) == 0  # fmt: skip
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["count"] == 2 and set(summary["mean"]) == {"psnr", "ssim"}
+    assert "psnr ↑" in capsys.readouterr().out

@@ -184,3 +184,26 @@ def random_lora(
         out[f"{name}.lora_A.{adapter}.weight"] = torch.randn(a_shape, generator=generator) * std
         out[f"{name}.lora_B.{adapter}.weight"] = torch.randn(b_shape, generator=generator) * std
     return out
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` as its base (every LoRA layer bypassed), e.g. the frozen SD UNet that PiSA-SR's
+    CSD loss needs, without a second copy of the weights."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, before, strict=True):
+            layer.enable_adapters(not was_disabled)
+
+
+def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    """Activate exactly `names` on every LoRA layer (layers lacking one of them keep the others).
+
+    peft's set_adapter also marks the active adapters trainable; callers set requires_grad after."""
+    for _, layer in lora_layers(model):
+        layer.set_adapter([n for n in names if n in layer.lora_A])

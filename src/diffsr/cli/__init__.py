@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, degrade, upscale
+from . import bench, degrade, eval, train, upscale
 
-SUBCOMMANDS = (upscale, degrade, bench)
+SUBCOMMANDS = (upscale, degrade, eval, bench, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

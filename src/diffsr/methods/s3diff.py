@@ -383,6 +383,32 @@ def random_weights(
     return S3DiffWeights(config, unet_sd, vae_sd, dict(mod.state_dict()), dict(de.state_dict()))
 
 
+def initial_weights(
+    unet: nn.Module, vae: nn.Module, *, seed: int = 0, config: S3DiffConfig | None = None
+) -> S3DiffWeights:
+    """Where S3Diff training starts: peft's Gaussian LoRA init (A ~ N(0, 1/r), B = 0), conv_in from
+    the base UNet, the modulation MLPs with the authors' init (kaiming × 1e-5, zero bias), W ~ N(0, 1)."""
+    config = config or S3DiffConfig()
+    g = torch.Generator().manual_seed(seed)
+
+    def fresh(model, targets, adapter, rank):
+        out = {}
+        modules = dict(model.named_modules())
+        for name in lora.matching_modules(model, targets):
+            a_shape, b_shape = lora.lora_shapes(modules[name], rank)
+            out[f"{name}.lora_A.{adapter}.weight"] = torch.randn(a_shape, generator=g) / rank
+            out[f"{name}.lora_B.{adapter}.weight"] = torch.zeros(b_shape)
+        return out
+
+    unet_sd = fresh(unet, list(config.unet_targets), UNET_ADAPTER, config.rank_unet)
+    unet_sd["conv_in.weight"] = unet.conv_in.weight.detach().clone()
+    unet_sd["conv_in.bias"] = unet.conv_in.bias.detach().clone()
+    vae_sd = fresh(vae, config.vae_targets, VAE_ADAPTER, config.rank_vae)
+    torch.manual_seed(seed)
+    mod = DegradationModulation(config.rank_unet, config.rank_vae, config.num_embeddings, config.block_dim)
+    return S3DiffWeights(config, unet_sd, vae_sd, {k: v.clone() for k, v in mod.state_dict().items()})
+
+
 # ------------------------------------------------------------------------------------------------
 # The model
 class S3Diff(LatentSR):
@@ -516,11 +542,16 @@ class S3Diff(LatentSR):
         gc.collect()
         return cls(parts, weights, emb, de_net, dtype=dtype)
 
+    def current_weights(self) -> S3DiffWeights:
+        """The weights as they are now in the modules (after training), estimator included."""
+        cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
+        unet = lora.lora_state_dict(self.unet, UNET_ADAPTER)
+        unet["conv_in.weight"], unet["conv_in.bias"] = self.unet.conv_in.weight, self.unet.conv_in.bias
+        return S3DiffWeights(self.config, cpu(unet), cpu(lora.lora_state_dict(self.vae, VAE_ADAPTER)),
+                             cpu(self.modulation.state_dict()), cpu(self.de_net.state_dict()))  # fmt: skip
+
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        w = self.weights
-        if w.de_net is None:
-            w = S3DiffWeights(w.config, w.unet, w.vae, w.modulation, dict(self.de_net.state_dict()))
-        return w.save(folder)
+        return self.current_weights().save(folder)
 
     # ---------------------------------------------------------------- passes
     @torch.no_grad()

@@ -1,0 +1,323 @@
+"""The training loop shared by every method, on top of accelerate.
+
+accelerate provides devices, multi-GPU/multi-node (DDP), gradient accumulation and mixed precision;
+this module adds what makes runs reproducible and resumable:
+
+- every random draw of a step (degradation parameters, crops, noise, prompt dropout, CSD timesteps)
+  comes from generators seeded by (seed, step, process), and the data order by (seed, epoch), so a
+  resumed run makes exactly the draws the uninterrupted run would have made;
+- checkpoints every N steps are written to a temporary folder and renamed into place (atomic), the
+  last K are kept, and `resume` restores trainable weights, optimizer and scheduler states and the
+  step counter;
+- periodic validation (PSNR/SSIM on Y, crop 4, images saved), logs to TensorBoard or CSV, and a
+  final export in diffsr's format that `diffsr upscale --weights` loads.
+
+A method plugs in through `MethodTrainer` (see train/pisa.py, train/s3diff.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+class MethodTrainer(Protocol):
+    """What a method provides to the loop."""
+
+    cfg: TrainConfig
+
+    def setup(self, accelerator) -> None:
+        """Build models, trainable parameters, optimizers and schedulers; prepare them."""
+
+    def train_step(self, batch: dict, step: int, gen: Callable[[str], torch.Generator]) -> dict[str, float]:
+        """One optimizer update's worth of work for one micro-batch; returns scalar logs."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that training changes (weights), by name."""
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def optimizer_states(self) -> dict: ...
+
+    def load_optimizer_states(self, states: dict, step: int) -> None: ...
+
+    def on_step(self, step: int) -> None:
+        """Called before each update (PiSA-SR switches stage here)."""
+
+    @torch.no_grad()
+    def validate_forward(self, lr: torch.Tensor, lr_up: torch.Tensor) -> torch.Tensor:
+        """lr (B,3,h,w) in [0,1], lr_up (B,3,H,W) in [-1,1] → SR (B,3,H,W) in [-1,1]."""
+
+    def export(self, folder: Path) -> Path: ...
+
+
+def build_trainer(cfg: TrainConfig) -> MethodTrainer:
+    """The MethodTrainer for cfg.method."""
+    if cfg.method == "pisa":
+        from .pisa import PisaTrainer
+
+        return PisaTrainer(cfg)
+    if cfg.method == "s3diff":
+        from .s3diff import S3DiffTrainer
+
+        return S3DiffTrainer(cfg)
+    raise ConfigError(f"no trainer for method {cfg.method!r}")
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any hashable parts (stable across runs, processes and machines)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_batches(
+    n_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int
+) -> tuple[tuple[int, ...], ...]:
+    """This process's batches for one epoch: a seeded permutation, split across processes, full batches."""
+    perm = torch.randperm(
+        n_items, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
+    )
+    mine = perm[rank::world].tolist()
+    return tuple(tuple(mine[i : i + batch_size]) for i in range(0, len(mine) - batch_size + 1, batch_size))
+
+
+class _CSVLog:
+    """Logs as rows of (step, name, value): any set of values per step, appendable across resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, values: dict, step: int) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "name", "value"])
+            w.writerows([step, k, v] for k, v in values.items())
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    d = output_dir / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    return sorted(
+        p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()
+    )
+
+
+def save_checkpoint(trainer: MethodTrainer, output_dir: Path, step: int, keep_last: int) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically (temp folder + rename) and prune to the last K."""
+    from safetensors.torch import save_file
+
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainer.state_tensors().items()}
+        save_file(tensors, tmp / "weights.safetensors")
+        torch.save(trainer.optimizer_states(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": trainer.cfg.to_dict()}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(trainer: MethodTrainer, ckpt: Path) -> int:
+    """Restore weights and optimizer/scheduler states; return the step the checkpoint was taken at."""
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    step = int(state["step"])
+    trainer.load_state_tensors(load_file(ckpt / "weights.safetensors"))
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    trainer.load_optimizer_states(opt, step)
+    return step
+
+
+def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[[str], None] = print,
+                 stop_after: int | None = None) -> Path:  # fmt: skip
+    """Train until cfg.max_steps (or `stop_after` updates in this call, for tests) and export.
+
+    Returns the export folder (output_dir/final) once max_steps is reached, else the last checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from ..degradations import degrade, get_preset, sample_params, upsample_to_hr
+    from .data import HQImageDataset
+
+    cfg = trainer.cfg
+    out = Path(cfg.output_dir)
+    # find_unused_parameters: PiSA-SR's stage 1 leaves the semantic LoRA unused by the forward
+    accelerator = Accelerator(
+        # CPU-only machines: cpu=True lets torchrun/accelerate launch run several processes over gloo
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if cfg.log_with == "tensorboard" else None,
+        project_dir=str(out),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        existing = list_checkpoints(out)
+        if existing and not resume:
+            raise ConfigError(
+                f"{out} already holds checkpoints; pass --resume to continue or use a new folder"
+            )
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+    dataset = HQImageDataset(cfg.data, crop_size=cfg.crop_size, min_size=cfg.min_size, hflip=cfg.hflip,
+                             seed=cfg.seed)  # fmt: skip
+    per_epoch = len(dataset) // (cfg.batch_size * world)
+    if per_epoch < 1:
+        raise ConfigError(
+            f"{len(dataset)} training images are fewer than one batch ({cfg.batch_size} x {world})"
+        )
+    degradation = get_preset(cfg.degradation)
+
+    # initial weights (LoRA A, discriminator heads) from the seed, identical on every process
+    set_seed(derived_seed(cfg.seed, "init") % 2**32)
+    trainer.setup(accelerator)
+    step = 0
+    if resume:
+        ckpts = list_checkpoints(out)
+        if ckpts:
+            step = load_checkpoint(trainer, ckpts[-1])
+            log(f"resumed from {ckpts[-1]} at step {step}")
+    if accelerator.is_main_process and cfg.log_with == "tensorboard":
+        accelerator.init_trackers("diffsr")
+    csv_log = _CSVLog(out / "logs.csv") if cfg.log_with == "csv" and accelerator.is_main_process else None
+
+    def log_values(values: dict, at: int) -> None:
+        if csv_log:
+            csv_log.log(values, at)
+        elif accelerator.is_main_process:
+            accelerator.log(values, step=at)
+
+    val = _validation_set(cfg) if cfg.val_data and accelerator.is_main_process else None
+    done_here = 0
+    t0 = time.perf_counter()
+    while step < cfg.max_steps and (stop_after is None or done_here < stop_after):
+        trainer.on_step(step)
+        logs: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            consumed = step * cfg.grad_accum + micro  # micro-batches this process has used so far
+            epoch, pos = divmod(consumed, per_epoch)
+            dataset.set_epoch(epoch)
+            idx = epoch_batches(len(dataset), cfg.batch_size, epoch, cfg.seed, rank, world)[pos]
+            items = [dataset[i] for i in idx]
+
+            def gen(kind: str, _s=step, _m=micro) -> torch.Generator:
+                return torch.Generator().manual_seed(derived_seed(cfg.seed, kind, _s, _m, rank))
+
+            hr = torch.stack([it["hr"] for it in items]).to(accelerator.device)
+            params = sample_params(degradation, hr.shape[0], gen("degradation"))
+            lr = degrade(hr, params, degradation)
+            batch = {
+                "hr": hr * 2 - 1,
+                "lr": lr,
+                "lr_up": upsample_to_hr(lr, hr.shape[-1] // lr.shape[-1]) * 2 - 1,
+                "caption": [it["caption"] for it in items],
+            }
+            logs = trainer.train_step(batch, step, gen)
+        step += 1
+        done_here += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logs["lr"] = _current_lr(trainer)
+            logs["sec_per_step"] = (time.perf_counter() - t0) / done_here
+            log_values(logs, step)
+            log(f"step {step}/{cfg.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(trainer, out, step, cfg.keep_last)
+            accelerator.wait_for_everyone()
+        if val is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+            metrics = _validate(trainer, val, out / "val" / f"step-{step:07d}", accelerator.device)
+            log_values(metrics, step)
+            log(f"validation at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group, and a
+        tracker.finish()  # caller (a notebook, a test, `--resume` in the same process) may train again
+    if step < cfg.max_steps:
+        ckpts = list_checkpoints(out)
+        return ckpts[-1] if ckpts else out
+    final = out / "final"
+    if accelerator.is_main_process:
+        trainer.export(final)
+        log(f"exported {final} (load it with: diffsr upscale --method {cfg.method} --weights {final} ...)")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _current_lr(trainer) -> float:
+    opt = getattr(trainer, "optimizer", None)
+    return float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
+
+
+def _validation_set(cfg: TrainConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, hr (1,3,S,S) [0,1], lr (1,3,S/4,S/4) [0,1]) for the first val_count images: centre crop
+    (reflect-padded if small), LR by the training degradation with a fixed seed per image."""
+    from ..io import find_images, read_image
+    from ..pairs import degrade_image, image_seed
+
+    items = []
+    s = cfg.val_crop
+    for src, rel in find_images([cfg.val_data])[: cfg.val_count]:
+        px = read_image(src, max_pixels=None).pixels
+        if px.shape[-1] == 1:
+            px = np.repeat(px, 3, axis=-1)
+        ph, pw = max(0, s - px.shape[0]), max(0, s - px.shape[1])
+        if ph or pw:
+            px = np.pad(px, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
+        y, x = (px.shape[0] - s) // 2, (px.shape[1] - s) // 2
+        hr = np.ascontiguousarray(px[y : y + s, x : x + s])
+        lr, _ = degrade_image(hr, cfg.degradation, image_seed(cfg.seed, rel))
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None].float()  # noqa: E731
+        items.append((rel.as_posix(), to_t(hr), to_t(lr)))
+    return items
+
+
+def _validate(trainer: MethodTrainer, items, folder: Path, device) -> dict[str, float]:
+    from ..degradations import upsample_to_hr
+    from ..io import ImageData, write_image
+    from ..metrics.psnr_ssim import psnr, ssim
+
+    psnrs, ssims = [], []
+    for name, hr, lr in items:
+        lr_d = lr.to(device)
+        sr = trainer.validate_forward(lr_d, upsample_to_hr(lr_d, hr.shape[-1] // lr.shape[-1]) * 2 - 1)
+        sr = ((sr.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0).cpu().numpy()
+        gt = hr[0].permute(1, 2, 0).numpy()
+        psnrs.append(psnr(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
+        ssims.append(ssim(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
+        write_image(folder / f"{name}.png", ImageData(sr.astype(np.float32), None, 8), overwrite=True)
+    return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims))}
