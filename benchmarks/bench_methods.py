@@ -6,6 +6,7 @@
 
 PiSA-SR: default (merged) vs adjustable (one batched UNet call) vs re-render (VAE decode only).
 S3Diff: classifier-free guidance in one batched UNet call vs two passes (the authors' way).
+PatchScaler: patch-adaptive group sampling vs unified sampling (every patch 20 steps from t = 1000).
 Random weights have the real shapes, so time and memory are those of the real models.
 """
 

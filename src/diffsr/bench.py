@@ -85,13 +85,24 @@ def measure(
     _sync(device)
     reset_peak(device)
     times = []
+    out = None
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
         times.append(time.perf_counter() - t)
     bytes_, kind = peak(device)
-    return Measurement(name, times, bytes_, kind)
+    info = out[1] if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else {}
+    extra = {k: info[k] for k in REPORTED if k in info}
+    return Measurement(name, times, bytes_, kind, extra)
+
+
+# simple / medium / hard fractions forced by the PatchScaler benchmark (an assumption: the paper
+# reports no split); every window in one group is the other extreme, also reported
+PGS_SPLIT = (0.5, 0.3, 0.2)
+
+# per-image counts worth reporting next to the time (PatchScaler's sampler statistics)
+REPORTED = ("patches", "groups", "denoiser_calls", "patch_evaluations", "speedup")
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -122,11 +133,22 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 def format_table(rows: list[Measurement]) -> str:
     """A plain-text table: name, median, min, max seconds and peak memory (GiB)."""
-    lines = [f"{'case':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'peak GiB':>10}"]
+    lines = [f"{'case':<38}{'median s':>10}{'min s':>9}{'max s':>9}{'peak GiB':>10}"]
     for m in rows:
         mem = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes else "n/a"
-        lines.append(f"{m.name:<34}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{mem:>10}")
+        line = f"{m.name:<38}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{mem:>10}"
+        if m.extra:
+            line += "  " + " ".join(f"{k}={_short(v)}" for k, v in m.extra.items())
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, dict):
+        return "/".join(str(x) for x in v.values())
+    return str(v)
 
 
 def random_model(method: str, size: str = "tiny", *, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -146,6 +168,20 @@ def random_model(method: str, size: str = "tiny", *, device: torch.device, dtype
 
         w = s3diff.random_weights(parts.unet, parts.vae, seed=seed + 1)
         return s3diff.S3Diff.from_parts(parts, w, dtype=dtype)
+    if method == "patchscaler":
+        from dataclasses import asdict
+
+        from .methods.patchscaler.dit import PRESETS
+        from .methods.patchscaler.model import PatchScaler, PatchScalerConfig, random_nets
+
+        if size == "tiny":
+            cfg = PatchScalerConfig(dit=asdict(PRESETS["tiny"]), grm_widths=(16, 32, 64), grm_blocks=1)
+            nets = random_nets(cfg, seed=seed)
+        else:  # real shapes: DiT-B/2, the default GRM and texture encoder, a 2,000-pair memory
+            cfg = PatchScalerConfig()
+            nets = random_nets(cfg, seed=seed, rtm_size=2000, classifier_widths=(64, 128, 256, 256))
+        parts.unet = parts.text_encoder = None
+        return PatchScaler.from_parts(parts, cfg, nets, dtype=dtype)
     raise ValueError(f"no random model for method {method!r}")
 
 
@@ -162,6 +198,18 @@ def method_cases(method: str, model, lr: torch.Tensor) -> list[tuple[str, Callab
         return [
             ("batched CFG (one UNet call)", lambda: model.restore(lr)),
             ("two CFG passes (authors' way)", lambda: model.restore(lr, cfg_batched=False)),
+        ]
+    if method == "patchscaler":
+        # Random weights give every window about the same confidence (all one group), so the benchmark
+        # also forces a split: thresholds at quantiles of the windows' mean confidence.
+        a = model.window_confidence(lr)
+        g1, g2 = torch.quantile(a, 1 - PGS_SPLIT[0]).item(), torch.quantile(a, PGS_SPLIT[2]).item()
+        split = (g1, min(g2, g1 - 1e-9)) if g1 > 0 else (1e-9, 0.0)  # γ1 > γ2 even for one window
+        name = "PGS, split " + "/".join(f"{round(100 * f)}" for f in PGS_SPLIT) + " %"
+        return [
+            ("PGS (the model's own confidence)", lambda: model.restore(lr)),
+            (name, lambda: model.restore(lr, thresholds=split)),
+            ("unified (every patch tau=1000, N=20)", lambda: model.restore(lr, unified=True)),
         ]
     raise ValueError(f"no benchmark cases for method {method!r}")
 

@@ -1,4 +1,7 @@
-"""VAE encode/decode (optionally tiled) and tiled latent prediction with Gaussian blending."""
+"""VAE encode/decode (optionally tiled) and tiled latent prediction with Gaussian blending.
+
+Importing this module is cheap (diffusers loads on the first VAE call): PatchScaler's sampler
+shares its tile grid and Gaussian weights."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .errors import ConfigError
 from .vae_tiling import tiled_forward
@@ -41,6 +43,8 @@ def vae_encode(
     (B, 4, H/8, W/8) in the VAE's dtype: the posterior mode, or a sample drawn with `generator`.
 
     Tiled (whole-image GroupNorm statistics) when H or W exceeds `tile` pixels."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     f = vae_factor(vae)
     if x.shape[-1] % f or x.shape[-2] % f:
         raise ConfigError(f"VAE input {tuple(x.shape[-2:])} is not a multiple of {f}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, degrade, eval, train, upscale
+from . import bench, degrade, eval, rtm, train, upscale
 
-SUBCOMMANDS = (upscale, degrade, eval, bench, train)
+SUBCOMMANDS = (upscale, degrade, eval, bench, train, rtm)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,13 @@ def register(sub) -> None:
         help="time methods and modes (random weights of real shapes, or real weights)",
         description="Per-image wall-clock (warm-up runs, then repeated runs: median, min, max) and peak "
         "memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) of each method's modes: PiSA-SR "
-        "default / adjustable / re-render, S3Diff batched CFG / two passes. Without --weights/--base the "
+        "default / adjustable / re-render, S3Diff batched CFG / two passes, PatchScaler PGS / unified sampling "
+        "(with its denoiser calls and patch evaluations per image). Without --weights/--base the "
         "models have random weights of the --size config, so it runs where no weights exist.",
     )
-    b.add_argument("--method", nargs="+", default=["pisa", "s3diff"], choices=("pisa", "s3diff"))
+    b.add_argument(
+        "--method", nargs="+", default=["pisa", "s3diff"], choices=("pisa", "s3diff", "patchscaler")
+    )
     b.add_argument(
         "--size", choices=("tiny", "sd21"), default="tiny", help="random-weight config (default tiny)"
     )

@@ -25,6 +25,7 @@ _COMMON = {
 }
 _PISA = {"--pix-steps": ("pix_steps", int), "--sem-steps": ("sem_steps", int)}
 _S3DIFF = {"--de-net": ("de_net", str)}
+_PATCHSCALER = {"--rtm": ("rtm", str), "--grm-steps": ("grm_steps", int), "--dit-preset": ("dit_preset", str)}
 
 
 def register(sub) -> None:
@@ -38,7 +39,7 @@ def register(sub) -> None:
         "Several GPUs or nodes: accelerate launch -m diffsr train ... (see docs/training.md).",
     )
     methods = t.add_subparsers(dest="train_method", metavar="METHOD", required=True)
-    for name, extra in (("pisa", _PISA), ("s3diff", _S3DIFF)):
+    for name, extra in (("pisa", _PISA), ("s3diff", _S3DIFF), ("patchscaler", _PATCHSCALER)):
         m = methods.add_parser(name, help=f"train {name}")
         m.add_argument(
             "--data",
@@ -57,6 +58,22 @@ def register(sub) -> None:
             m.add_argument(flag, type=tp)
         m.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
         m.set_defaults(func=run, flag_map={**_COMMON, **extra})
+    tc = methods.add_parser(
+        "texture-classifier", help="train PatchScaler's texture classifier on VAE latents"
+    )
+    src = tc.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data", metavar="DIR", help="one sub-folder of images per texture class (e.g. DTD's images/)"
+    )
+    src.add_argument("--procedural", action="store_true", help="procedural textures (no dataset needed)")
+    tc.add_argument("-o", "--output", required=True, metavar="DIR")
+    tc.add_argument("--base", help="SD base for the VAE")
+    tc.add_argument("--steps", type=int, default=2000)
+    tc.add_argument("--batch-size", type=int, default=32)
+    tc.add_argument("--lr", type=float, default=1e-3)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--device", default=None)
+    tc.set_defaults(func=run_texture)
 
 
 def resolve(args: argparse.Namespace):
@@ -103,4 +120,24 @@ def run(args: argparse.Namespace) -> int:
         build_trainer(cfg), resume=args.resume, log=lambda s: print(s, file=sys.stderr, flush=True)
     )
     print(out)
+    return 0
+
+
+def run_texture(args: argparse.Namespace) -> int:
+    from ._args import quiet_libraries
+
+    quiet_libraries()
+    from ..devices import resolve_device
+    from ..methods.patchscaler.model import DEFAULT_BASE, ENV_BASE
+    from ..sd import load_sd_parts, resolve_base
+    from ..train.texture import train_texture_classifier
+
+    vae = load_sd_parts(resolve_base(args.base, default=DEFAULT_BASE, env=ENV_BASE), device=resolve_device(args.device),
+                        text_encoder=False).vae  # fmt: skip
+    model, classes, acc = train_texture_classifier(
+        vae, data=args.data, procedural=args.procedural, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    model.save(args.output)
+    print(f"{args.output}: {len(classes)} classes, held-out batch accuracy {acc:.3f}", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ._args import nonneg_float, nonneg_int, positive_float, positive_int, quiet_libraries, unit_float
 
-METHOD_CHOICES = ("pisa", "s3diff")
+METHOD_CHOICES = ("pisa", "s3diff", "patchscaler")
 # method-specific options: CLI dest → (method, API keyword)
 METHOD_OPTIONS = {
     "lambda_pix": ("pisa", "lambda_pix"),
@@ -17,7 +17,21 @@ METHOD_OPTIONS = {
     "blur": ("s3diff", "blur"),
     "noise": ("s3diff", "noise"),
     "guidance_scale": ("s3diff", "guidance_scale"),
+    "group_devices": ("patchscaler", "devices"),
+    "unified": ("patchscaler", "unified"),
 }
+
+
+def group_devices(s: str) -> dict:
+    out = {}
+    for part in s.split(","):
+        group, sep, dev = part.partition("=")
+        if not sep or group not in ("simple", "medium", "hard") or not dev:
+            raise argparse.ArgumentTypeError(
+                f"expected GROUP=DEVICE pairs with GROUP in simple/medium/hard, got {part!r}"
+            )
+        out[group] = dev
+    return out
 
 
 def register(sub) -> None:
@@ -51,6 +65,12 @@ def register(sub) -> None:
     g.add_argument("--blur", type=unit_float, help="override the estimated blur score (0..1)")
     g.add_argument("--noise", type=unit_float, help="override the estimated noise score (0..1)")
     g.add_argument("--guidance-scale", type=nonneg_float, help="CFG scale (default 1.07)")
+    g = u.add_argument_group("PatchScaler")
+    g.add_argument("--group-devices", type=group_devices, metavar="GROUP=DEV,...",
+                   help="run the sampling groups on several devices, e.g. hard=cuda:0,simple=cuda:1,medium=cuda:1 "
+                   "(the paper's two-GPU split)")  # fmt: skip
+    g.add_argument("--unified", action="store_true", default=None,
+                   help="no grouping: every patch 20 steps from t=1000 (the baseline PGS speeds up)")  # fmt: skip
     o = u.add_argument_group("output")
     o.add_argument("--outscale", type=positive_float, help="final scale (Lanczos after the native ×4)")
     o.add_argument(

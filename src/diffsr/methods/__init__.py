@@ -9,6 +9,7 @@ from ..errors import ConfigError
 METHODS: dict[str, str] = {
     "pisa": "diffsr.methods.pisa:PiSASR",
     "s3diff": "diffsr.methods.s3diff:S3Diff",
+    "patchscaler": "diffsr.methods.patchscaler.model:PatchScaler",
 }
 
 

@@ -144,7 +144,44 @@ class S3DiffTrainConfig(TrainConfig):
             raise ConfigError(f"neg_prob={self.neg_prob} must be in [0, 1]")
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"pisa": PisaTrainConfig, "s3diff": S3DiffTrainConfig}
+@dataclass
+class PatchScalerTrainConfig(TrainConfig):
+    """PatchScaler: GRM with the confidence-driven loss (Eq. 1) for its first phase, Patch-DiT with the
+    diffusion loss on the standard x-trajectory (PGS is not used in training), jointly; then GRM frozen."""
+
+    rtm: str | None = None  # texture memory folder from `diffsr build-rtm` (classifier + keys + values)
+    max_steps: int = 700000  # paper
+    grm_steps: int = 100000  # paper: GRM trained with Eq. (1) only for the first 100K iterations
+    batch_size: int = 6  # paper (per GPU: our reading, D4)
+    learning_rate: float = 5e-5  # paper, Adam, fixed
+    weight_decay: float = 0.0  # Adam, not AdamW
+    grm_lambda: float = 1.0  # our choice (D3)
+    grm_eta: float = 0.0  # 0: calibrated per batch so the median pixel gets C = 1 (D3); > 0: fixed η
+    dit_preset: str = "B/2"  # our choice (D8)
+    grm_widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # our choice (D2)
+    grm_blocks: int = 2
+    texture_depth: int = 2  # our choice (D12)
+    patch: int = 16
+    schedule: str = "linear"  # our choice (D5)
+    texture_k: int = 3
+    ema_decay: float = 0.0  # our choice (D17 suggests 0.9999; 0 disables)
+    degradation: str = "pisa"  # Real-ESRGAN second order (D18)
+
+    method: typing.ClassVar[str] = "patchscaler"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.crop_size % (8 * self.patch):
+            raise ConfigError(f"crop_size={self.crop_size} must be a multiple of 8·patch = {8 * self.patch}")
+        if not 0 <= self.grm_steps <= self.max_steps:
+            raise ConfigError(f"grm_steps={self.grm_steps} must be in [0, max_steps={self.max_steps}]")
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {
+    "pisa": PisaTrainConfig,
+    "s3diff": S3DiffTrainConfig,
+    "patchscaler": PatchScalerTrainConfig,
+}
 
 
 def _coerce(name: str, tp, value):

@@ -77,6 +77,10 @@ def build_trainer(cfg: TrainConfig) -> MethodTrainer:
         from .s3diff import S3DiffTrainer
 
         return S3DiffTrainer(cfg)
+    if cfg.method == "patchscaler":
+        from .patchscaler import PatchScalerTrainer
+
+        return PatchScalerTrainer(cfg)
     raise ConfigError(f"no trainer for method {cfg.method!r}")
 
 
