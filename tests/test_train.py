@@ -319,3 +319,32 @@ def test_s3diff_resume_equals_uninterrupted(hq_dir, tiny_sd_dir, de_net_path, tm
     assert_same_training(tmp_path / "a", tmp_path / "b", final=3, killed=1)
     w = S3DiffWeights.load(full)
     assert w.de_net is not None and "conv_in.weight" in w.unet
+
+
+def test_cli_train_tensorboard_bf16_gradient_checkpointing(hq_dir, tiny_sd_dir, tmp_path):
+    """Through the CLI in a fresh process (accelerate's precision is fixed per process)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "tb"
+    cmd = [sys.executable, "-m", "diffsr", "train", "pisa", "--data", str(hq_dir), "-o", str(out), "--base",
+           str(tiny_sd_dir), "--pix-steps", "1", "--sem-steps", "1", "--batch-size", "2", "--crop-size", "64",
+           "--mixed-precision", "bf16", "--gradient-checkpointing", "--log-with", "tensorboard",
+           "--set", "lpips_pretrained=false"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("final")
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_csd_leaves_trainability_alone(pisa_trainer):
+    """CSD bypasses the LoRA layers for its frozen-UNet pass; the stage's trainable set must survive it."""
+    t = pisa_trainer
+    t.on_step(2)
+    before = {n for n, p in t.base_unet.named_parameters() if p.requires_grad}
+    t.train_step(fixed_batch(t), 2, gen_for(2))
+    assert {n for n, p in t.base_unet.named_parameters() if p.requires_grad} == before

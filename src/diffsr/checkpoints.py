@@ -45,7 +45,9 @@ def safe_torch_load(path: str | os.PathLike) -> object:
         ) from None
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Create `path` atomically: `write(tmp_path)` fills a temporary file in the same folder, which is
+    fsynced and renamed over `path`; on any error the temporary file is removed and `path` untouched."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -66,8 +68,8 @@ def save_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torc
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"format_version": FORMAT_VERSION, **config}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     return folder
 
 

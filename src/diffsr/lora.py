@@ -189,9 +189,11 @@ def random_lora(
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Run `model` as its base (every LoRA layer bypassed), e.g. the frozen SD UNet that PiSA-SR's
-    CSD loss needs, without a second copy of the weights."""
+    CSD loss needs, without a second copy of the weights. Trainability is left as it was (peft's
+    re-enabling would mark every active adapter trainable)."""
     layers = [layer for _, layer in lora_layers(model)]
     before = [layer.disable_adapters for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for n, p in layer.named_parameters() if "lora_" in n]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -199,6 +201,8 @@ def adapters_disabled(model: nn.Module):
     finally:
         for layer, was_disabled in zip(layers, before, strict=True):
             layer.enable_adapters(not was_disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:

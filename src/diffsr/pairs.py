@@ -105,9 +105,9 @@ def make_pairs(
         except Exception as e:  # one bad image must not end the run
             report.failed[key] = f"{src}: {type(e).__name__}: {e}"
     if lines:
-        from .checkpoints import _atomic_write
+        from .checkpoints import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-        _atomic_write(out / "params.jsonl", lambda p: Path(p).write_text(text))
+        atomic_write(out / "params.jsonl", lambda p: Path(p).write_text(text))
     return report

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from pathlib import Path
 
-        from ..checkpoints import _atomic_write
+        from ..checkpoints import atomic_write
 
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
+        atomic_write(path, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     return 0

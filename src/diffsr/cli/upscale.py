@@ -103,7 +103,9 @@ def register(sub) -> None:
     r.add_argument(
         "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="compute precision (default fp32)"
     )
-    r.add_argument("--seed", type=int, help="seed for --sample-posterior")
+    r.add_argument(
+        "--seed", type=int, help="seed for --sample-posterior (PatchScaler: its noise map, default 0)"
+    )
     r.add_argument(
         "--sample-posterior",
         action="store_true",
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     options.update(method_opts)
+    options = {k: v for k, v in options.items() if v is not None}  # unset: the method's own default
 
     written = 0
     bar = tqdm(todo, unit="img", disable=args.quiet, dynamic_ncols=True)

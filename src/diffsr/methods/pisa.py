@@ -136,7 +136,7 @@ class PisaWeights:
             ] = v
         sd["state_dict_unet"] = state
         path = Path(path)
-        checkpoints._atomic_write(path, lambda p: torch.save(sd, p))
+        checkpoints.atomic_write(path, lambda p: torch.save(sd, p))
         return path
 
 

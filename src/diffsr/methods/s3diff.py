@@ -345,7 +345,7 @@ class S3DiffWeights:
                 k[len(m) + 1 :]: v for k, v in self.modulation.items() if k.startswith(m + ".")
             }
         path = Path(path)
-        checkpoints._atomic_write(path, lambda p: torch.save(sd, p))
+        checkpoints.atomic_write(path, lambda p: torch.save(sd, p))
         return path
 
 

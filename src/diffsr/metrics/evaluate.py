@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,15 +255,11 @@ def _json_number(v: float | None) -> float | str | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    from ..checkpoints import atomic_write
+
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8", newline=""))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"{path}: cannot write the report ({_one_line(e)})") from e
 
 
