@@ -104,3 +104,26 @@ def load_folder(
     except Exception as e:
         raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({e})") from None
     return cfg, tensors
+
+
+def config_to_dict(method: str, config) -> dict:
+    """A method's frozen config dataclass as the JSON-able dict stored in config.json."""
+    import dataclasses
+
+    return {"method": method, **dataclasses.asdict(config)}
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """The inverse of config_to_dict: unknown keys are an error; JSON lists become tuples where the
+    field is declared a tuple (frozen dataclasses compare and hash by value)."""
+    import dataclasses
+
+    data = {k: v for k, v in data.items() if k not in ("method", "format_version")}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise CheckpointError(f"{what} config has unknown fields: {', '.join(sorted(unknown))}")
+    for k, v in data.items():
+        if isinstance(v, list) and str(fields[k].type).startswith("tuple"):
+            data[k] = tuple(v)
+    return cls(**data)

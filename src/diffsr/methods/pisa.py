@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,18 +56,11 @@ class PisaConfig:
     base: str = DEFAULT_BASE
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets_pix"], d["targets_sem"] = list(self.targets_pix), list(self.targets_sem)
-        return {"method": "pisa", **d}
+        return checkpoints.config_to_dict("pisa", self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PisaConfig:
-        d = {k: v for k, v in d.items() if k not in ("method", "format_version")}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CheckpointError(f"PiSA-SR config has unknown fields: {', '.join(sorted(unknown))}")
-        d["targets_pix"], d["targets_sem"] = tuple(d["targets_pix"]), tuple(d["targets_sem"])
-        return cls(**d)
+        return checkpoints.config_from_dict(cls, d, "PiSA-SR")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import gc
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -240,19 +240,11 @@ class S3DiffConfig:
     base: str = DEFAULT_BASE
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["unet_targets"] = list(self.unet_targets)
-        return {"method": "s3diff", **d}
+        return checkpoints.config_to_dict("s3diff", self)
 
     @classmethod
     def from_dict(cls, d: dict) -> S3DiffConfig:
-        d = {k: v for k, v in d.items() if k not in ("method", "format_version")}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CheckpointError(f"S3Diff config has unknown fields: {', '.join(sorted(unknown))}")
-        if "unet_targets" in d:
-            d["unet_targets"] = tuple(d["unet_targets"])
-        return cls(**d)
+        return checkpoints.config_from_dict(cls, d, "S3Diff")
 
 
 _PKL_MODULES = (

@@ -61,21 +61,11 @@ class PatchScalerConfig:
     base: str = DEFAULT_BASE
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k in ("thresholds", "taus", "steps", "grm_widths"):
-            d[k] = list(d[k])
-        return {"method": "patchscaler", **d}
+        return checkpoints.config_to_dict("patchscaler", self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PatchScalerConfig:
-        d = {k: v for k, v in d.items() if k not in ("method", "format_version")}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CheckpointError(f"PatchScaler config has unknown fields: {', '.join(sorted(unknown))}")
-        for k in ("thresholds", "taus", "steps", "grm_widths"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return checkpoints.config_from_dict(cls, d, "PatchScaler")
 
     def groups(self) -> tuple[GroupSpec, ...]:
         return tuple(
