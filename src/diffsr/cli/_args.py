@@ -7,39 +7,24 @@ import logging
 import os
 
 
-def positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+def _bounded(kind: type, lo: float | None = None, hi: float | None = None, *, strict_lo: bool = False):
+    """An argparse type: `kind` parsed from the string and checked against [lo, hi] (or (lo, hi])."""
+
+    def parse(s: str):
+        v = kind(s)
+        if (lo is not None and (v <= lo if strict_lo else v < lo)) or (hi is not None and v > hi):
+            rng = f"{'(' if strict_lo else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {rng}, got {s}")
+        return v
+
+    return parse
 
 
-def nonneg_float(s: str) -> float:
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def unit_float(s: str) -> float:
-    v = float(s)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
-
-
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
-def nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
+positive_float = _bounded(float, 0, strict_lo=True)
+nonneg_float = _bounded(float, 0)
+unit_float = _bounded(float, 0, 1)
+positive_int = _bounded(int, 1)
+nonneg_int = _bounded(int, 0)
 
 
 def quiet_libraries() -> None:

@@ -84,6 +84,19 @@ def build_trainer(cfg: TrainConfig) -> MethodTrainer:
     raise ConfigError(f"no trainer for method {cfg.method!r}")
 
 
+def optimizer_and_scheduler(cfg: TrainConfig, params, *, steps: int, decoupled: bool = True):
+    """The run's optimizer over `params` — AdamW (decoupled weight decay), or Adam for PatchScaler —
+    with cfg's betas/eps/decay, and its learning-rate schedule over `steps` updates (unprepared)."""
+    from diffusers.optimization import get_scheduler
+
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+              weight_decay=cfg.weight_decay)  # fmt: skip
+    sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
+                          num_training_steps=max(steps, 1))  # fmt: skip
+    return opt, sched
+
+
 def derived_seed(*parts) -> int:
     """A 63-bit seed from any hashable parts (stable across runs, processes and machines)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()

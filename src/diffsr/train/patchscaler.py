@@ -115,7 +115,7 @@ class PatchScalerTrainer:
     def enter_phase(self, phase: int) -> None:
         """Phase 1: GRM + Patch-DiT + texture encoder; phase 2: GRM frozen (fresh optimizer, as at PiSA-SR's
         stage switch, so Adam's state cannot move the frozen GRM)."""
-        from diffusers.optimization import get_scheduler
+        from .loop import optimizer_and_scheduler
 
         cfg, nets = self.cfg, self.nets
         for p in nets.grm.parameters():
@@ -124,10 +124,7 @@ class PatchScalerTrainer:
         params = [
             p for n, p in nets.named_parameters() if p.requires_grad and not n.startswith("classifier.")
         ]
-        opt = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                               weight_decay=cfg.weight_decay)  # fmt: skip
-        sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.max_steps)  # fmt: skip
+        opt, sched = optimizer_and_scheduler(cfg, params, steps=cfg.max_steps, decoupled=False)  # paper: Adam
         self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
         self.phase = phase
 

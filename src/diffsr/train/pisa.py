@@ -84,7 +84,7 @@ class PisaTrainer:
     def enter_stage(self, stage: int) -> None:
         """Stage 1: pixel LoRA active and trainable. Stage 2: both active, only the semantic trainable.
         A new optimizer (and scheduler) over exactly the trainable set is built at each switch."""
-        from diffusers.optimization import get_scheduler
+        from .loop import optimizer_and_scheduler
 
         cfg = self.cfg
         unet = self.base_unet
@@ -93,12 +93,8 @@ class PisaTrainer:
         for n, p in unet.named_parameters():
             p.requires_grad_(f".{train_set}." in n and ".lora_" in n)
             p.grad = None
-        params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay, eps=cfg.adam_eps)  # fmt: skip
         steps = cfg.pix_steps if stage == 1 else cfg.sem_steps
-        sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=max(steps, 1))  # fmt: skip
+        opt, sched = optimizer_and_scheduler(cfg, self.trainable_parameters(), steps=steps)
         self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
         self.stage = stage
 

@@ -72,8 +72,7 @@ class S3DiffTrainer:
         self.cfg = cfg
 
     def setup(self, accelerator) -> None:
-        from diffusers.optimization import get_scheduler
-
+        from .loop import optimizer_and_scheduler
         from .losses import LPIPSLoss, VisionAidedDiscriminator
 
         cfg, self.acc = self.cfg, accelerator
@@ -101,16 +100,11 @@ class S3DiffTrainer:
                                         layers=tuple(cfg.disc_layers), img_size=cfg.disc_img_size)  # fmt: skip
         disc.train()
 
-        def adamw(params):
-            return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     weight_decay=cfg.weight_decay, eps=cfg.adam_eps)  # fmt: skip
-
-        opt_g = adamw([p for p in gen.parameters() if p.requires_grad])
-        opt_d = adamw(disc.trainable_parameters())
-        sched = lambda o: get_scheduler(cfg.lr_scheduler, optimizer=o, num_warmup_steps=cfg.lr_warmup_steps,  # noqa: E731
-                                        num_training_steps=cfg.max_steps)  # fmt: skip
+        opt_g, sched_g = optimizer_and_scheduler(cfg, [p for p in gen.parameters() if p.requires_grad],
+                                                 steps=cfg.max_steps)  # fmt: skip
+        opt_d, sched_d = optimizer_and_scheduler(cfg, disc.trainable_parameters(), steps=cfg.max_steps)
         (self.gen, self.disc, self.optimizer, self.optimizer_d, self.scheduler, self.scheduler_d) = (
-            accelerator.prepare(gen, disc, opt_g, opt_d, sched(opt_g), sched(opt_d))
+            accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
         )
         self.lpips = LPIPSLoss(net=cfg.lpips_net, pretrained=cfg.lpips_pretrained).to(dev)
 
