@@ -104,3 +104,17 @@ def test_pil_resize_keeps_dtype_device_and_rejects_bad_method():
     assert y.shape == (2, 3, 16, 12) and y.dtype == torch.float64
     with pytest.raises(ConfigError):
         pil_resize(x, (4, 4), "cubic")
+
+
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(151, 207), (20, 30), (37, 212)])
+def test_device_resize_equals_pillow_float(method, size):
+    """Bicubic/bilinear run with torch's antialiased kernels on the tensor's device: they must be
+    Pillow's kernels (computed here independently with Pillow's float 'F' resampler)."""
+    x = (
+        torch.rand(1, 2, 37, 53, generator=torch.Generator().manual_seed(0)) * 3 - 1
+    )  # beyond [0, 1]: no clipping
+    flt = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[method]
+    ref = np.stack([np.asarray(Image.fromarray(x[0, c].numpy()).resize(size[::-1], flt)) for c in range(2)])
+    got = pil_resize(x, size, method)[0].numpy()
+    assert np.abs(got - ref).max() < 2e-5

@@ -54,8 +54,12 @@ def test_per_sample_adapters_equal_separate_passes():
     lora.add_lora(net, "a", ["lin", "conv"], rank=2, alpha=8)
     _fill(net, "a", 1)
     x, v = torch.randn(2, 3, 7, 7), torch.randn(2, 6)
-    with lora.per_sample_adapters(net, ["__base__", "a"]):
+    handles = lora.route_adapters(net)
+    with lora.adapter_batch(["__base__", "a"]):
         mixed = net(x, v)
+    outside = net(x, v)  # outside the block the layers run as configured (adapter "a" on every sample)
+    for h in handles:
+        h.remove()
     for layer in (net.lin, net.conv):  # the same layers with the adapter switched off and on
         layer.enable_adapters(False)
     base = net(x, v)
@@ -66,6 +70,8 @@ def test_per_sample_adapters_equal_separate_passes():
         torch.testing.assert_close(m[0], b[0])
         torch.testing.assert_close(m[1], f[1])
         assert not torch.allclose(b[1], f[1])
+    for o, f in zip(outside, full, strict=True):
+        torch.testing.assert_close(o, f)
 
 
 def test_fold_adapters_equals_hand_merge():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,15 +229,67 @@ def test_preprocess_sizes(h, w, up):
     assert size == (4 * h, 4 * w)
 
 
-def test_preprocess_uses_pil_bicubic():
-    import numpy as np
+def _authors_preprocess(a):
+    """The authors' PIL steps on an 8-bit RGB array, restated (test_pisasr.py)."""
     from PIL import Image
 
-    a = (np.random.default_rng(0).random((140, 136, 3)) * 255).astype(np.uint8)
-    x, _ = preprocess(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)
-    ref = np.asarray(Image.fromarray(a).resize((544, 560), Image.Resampling.BICUBIC)).astype(np.float32) / 255
+    im = Image.fromarray(a)
+    w, h = im.size
+    if w < 128 or h < 128:
+        s = 128 / min(w, h)
+        im = im.resize((int(s * w), int(s * h)))  # Pillow's default filter: bicubic
+    im = im.resize((im.size[0] * 4, im.size[1] * 4))
+    im = im.resize((im.width - im.width % 8, im.height - im.height % 8), Image.LANCZOS)
+    return np.asarray(im)
+
+
+@pytest.mark.parametrize("shape", [(140, 136), (37, 53), (130, 97)])
+def test_preprocess_equals_the_authors_8bit_path_exactly(shape, tmp_path):
+    from PIL import Image
+
+    from diffsr.api import _rgb_tensor
+    from diffsr.io import read_image
+
+    g = np.random.default_rng(0)
+    a = (g.random((*shape, 3)) * 255).astype(np.uint8)
+    a[:, : shape[1] // 2] = 255 - a[:, : shape[1] // 2] // 8  # sharp edges, where the float path differs
+    Image.fromarray(a).save(tmp_path / "in.png")
+    x, _ = preprocess(_rgb_tensor(read_image(tmp_path / "in.png")))  # through diffsr's own I/O
+    got = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(got, _authors_preprocess(a))
+    assert torch.equal(x, torch.from_numpy(got).permute(2, 0, 1)[None].float() / 255)
+
+
+def test_preprocess_float_path_for_16_bit_data():
+    a = np.random.default_rng(1).integers(0, 65536, (40, 44, 3)).astype(np.float32) / 65535
+    x, _ = preprocess(torch.from_numpy(a).permute(2, 0, 1)[None])
+    ref = _authors_preprocess((a * 255).round().astype(np.uint8)).astype(np.float32) / 255
     got = x[0].permute(1, 2, 0).numpy()
-    assert np.abs(got - ref).mean() < 1.5 / 255  # same kernel; 8-bit rounding/clipping only
+    assert x.shape[-2:] == (512, 560)
+    assert np.abs(got - ref).mean() < 2 / 255  # the same kernels, without 8-bit rounding
+    assert not np.all((got * 255 - (got * 255).round()) == 0)  # not quantised to 8 bits
+
+
+@pytest.mark.parametrize("h,w", [(300, 1), (1, 300), (3, 2000)])
+def test_long_thin_inputs_stay_bounded(h, w):
+    from diffsr.methods.pisa import MAX_ENLARGED_AREA, enlarge_factor
+
+    s = enlarge_factor(h, w)
+    assert int(s * h) * int(s * w) <= MAX_ENLARGED_AREA and min(int(s * h), int(s * w)) >= 2
+    x, size = preprocess(torch.rand(1, 3, h, w))
+    assert size == (4 * h, 4 * w) and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0 and min(x.shape[-2:]) >= 8
+    assert x.shape[-2] * x.shape[-1] <= 16 * MAX_ENLARGED_AREA
+
+
+@pytest.mark.slow
+def test_long_thin_image_upscales_in_bounded_time(pisa):
+    """300×1: the authors' rule would run the model on 153600×512 pixels; ours on ≤ 2048²."""
+    import time
+
+    t = time.perf_counter()
+    y, _ = pisa.restore(torch.rand(1, 3, 300, 1), lambda_pix=0.5, lambda_sem=0.5)
+    assert tuple(y.shape) == (1, 3, 1200, 4) and torch.isfinite(y).all()
+    assert time.perf_counter() - t < 180
 
 
 @pytest.mark.parametrize("size", [(24, 28), (140, 136)])

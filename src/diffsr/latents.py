@@ -15,13 +15,15 @@ from .vae_tiling import tiled_forward
 
 ProgressFn = Callable[[dict], None]
 
-# Official defaults (PiSA-SR / S3Diff inference scripts).
+# Official latent-tiling defaults (PiSA-SR / S3Diff inference scripts).
 LATENT_TILE = 96
 LATENT_OVERLAP = 32
-VAE_ENCODER_TILE = 1024  # image pixels
-VAE_ENCODER_PAD = 32
-VAE_DECODER_TILE = 224  # latent pixels
-VAE_DECODER_PAD = 11
+# VAE tiles. The authors use 1024 image pixels (encoder) and 224 latent pixels (decoder), with context
+# pads, because their tiling is approximate and memory grows with the tile. diffsr's tiling is exact
+# (vae_tiling.py), so the tile size changes only speed and memory: these bound the peak near that of
+# an untiled 512×512 image.
+VAE_ENCODER_TILE = 512  # image pixels
+VAE_DECODER_TILE = 64  # latent pixels
 
 
 def vae_factor(vae) -> int:
@@ -37,19 +39,20 @@ def vae_encode(
     sample: bool = False,
     generator: torch.Generator | None = None,
     tile: int = VAE_ENCODER_TILE,
-    pad: int = VAE_ENCODER_PAD,
+    offload: str = "auto",
 ) -> torch.Tensor:
     """x: (B, 3, H, W) in [-1, 1], H and W multiples of the VAE factor. Returns scaled latents
     (B, 4, H/8, W/8) in the VAE's dtype: the posterior mode, or a sample drawn with `generator`.
 
-    Tiled (whole-image GroupNorm statistics) when H or W exceeds `tile` pixels."""
+    Tiled exactly (vae_tiling.tiled_forward; `offload` says where activations wait between layers)
+    when H or W exceeds `tile` pixels."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     f = vae_factor(vae)
     if x.shape[-1] % f or x.shape[-2] % f:
         raise ConfigError(f"VAE input {tuple(x.shape[-2:])} is not a multiple of {f}")
     x = x.to(vae.dtype)
-    h = tiled_forward(vae.encoder, x, tile=tile, pad=pad, scale=1 / f, align=f)
+    h = tiled_forward(vae.encoder, x, tile=tile, offload=offload)
     if vae.quant_conv is not None:
         h = vae.quant_conv(h)
     dist = DiagonalGaussianDistribution(h)
@@ -58,16 +61,14 @@ def vae_encode(
 
 
 @torch.no_grad()
-def vae_decode(
-    vae, z: torch.Tensor, *, tile: int = VAE_DECODER_TILE, pad: int = VAE_DECODER_PAD
-) -> torch.Tensor:
+def vae_decode(vae, z: torch.Tensor, *, tile: int = VAE_DECODER_TILE, offload: str = "auto") -> torch.Tensor:
     """z: scaled latents (B, 4, h, w). Returns images (B, 3, 8h, 8w) in [-1, 1] (clamped), VAE dtype.
 
-    Tiled (whole-image GroupNorm statistics) when h or w exceeds `tile` latent pixels."""
+    Tiled exactly (vae_tiling.tiled_forward) when h or w exceeds `tile` latent pixels."""
     z = (z / vae.config.scaling_factor).to(vae.dtype)
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-    x = tiled_forward(vae.decoder, z, tile=tile, pad=pad, scale=vae_factor(vae))
+    x = tiled_forward(vae.decoder, z, tile=tile, offload=offload)
     return x.clamp(-1, 1)
 
 

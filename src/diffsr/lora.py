@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -113,19 +114,6 @@ def load_lora_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tens
             params[k].copy_(v)
 
 
-def merge_adapter(model: nn.Module, name: str) -> None:
-    """Merge adapter `name` into the base weights of every layer that has it (peft's merge)."""
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A and name not in layer.merged_adapters:
-            layer.merge(adapter_names=[name])
-
-
-def unmerge_all(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        if layer.merged:
-            layer.unmerge()
-
-
 def fold_adapters(model: nn.Module) -> None:
     """Merge every adapter into the base weights for good and put the plain base layers back
     (peft's merge_and_unload). Later adapters can then run unmerged, which peft's mixed-batch
@@ -137,25 +125,35 @@ def fold_adapters(model: nn.Module) -> None:
         setattr(parent, child, layer.get_base_layer())
 
 
-@contextmanager
-def per_sample_adapters(model: nn.Module, adapter_names: Sequence[str]):
-    """Run LoRA layers with a different adapter per batch element (peft mixed-batch inference).
+# Per-sample adapter names of the current call (peft mixed-batch inference). A context variable, so
+# that concurrent calls on one model (threads) each route their own batch.
+_ADAPTER_NAMES: ContextVar[list[str] | None] = ContextVar("diffsr_adapter_names", default=None)
 
-    adapter_names[i] names the adapter applied to batch element i ('__base__' for none). Layers
-    get the list through a forward pre-hook, as peft's own PeftModel does. Every batch seen by a
-    LoRA layer inside the block must have len(adapter_names) elements."""
-    names = list(adapter_names)
+
+def route_adapters(model: nn.Module) -> list:
+    """Install, once, a forward pre-hook on every LoRA layer of `model` that passes the adapter names
+    of the enclosing `adapter_batch` to peft (as peft's own PeftModel does); outside such a block the
+    layers run as configured. Returns the hook handles."""
 
     def hook(_module, args, kwargs):
+        names = _ADAPTER_NAMES.get()
+        if names is None:
+            return None
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in lora_layers(model)]
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in lora_layers(model)]
+
+
+@contextmanager
+def adapter_batch(adapter_names: Sequence[str]):
+    """Within the block, models prepared with `route_adapters` apply adapter_names[i] to batch element
+    i ('__base__' for none). Every batch a LoRA layer sees must have len(adapter_names) elements."""
+    token = _ADAPTER_NAMES.set(list(adapter_names))
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        _ADAPTER_NAMES.reset(token)
 
 
 def lora_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -90,13 +90,18 @@ def register(sub) -> None:
         "--tile-batch", type=positive_int, default=4, help="latent tiles per UNet call (default 4)"
     )
     t.add_argument(
-        "--vae-encoder-tile", type=positive_int, default=1024, help="VAE encoder tile, pixels (default 1024)"
+        "--vae-encoder-tile", type=positive_int, default=512, help="VAE encoder tile, pixels (default 512)"
     )
     t.add_argument(
-        "--vae-decoder-tile",
-        type=positive_int,
-        default=224,
-        help="VAE decoder tile, latent px (default 224)",
+        "--vae-decoder-tile", type=positive_int, default=64, help="VAE decoder tile, latent px (default 64)"
+    )
+    t.add_argument(
+        "--vae-offload",
+        choices=("auto", "none", "cpu", "disk"),
+        default="auto",
+        help="where tiled-VAE activations wait between layers: auto (cpu on a GPU, disk on the CPU), "
+        "none (the device: fastest, memory grows with the image), cpu (host memory), disk (a temporary "
+        "file under $TMPDIR)",
     )
     r = u.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -201,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         tile_batch=args.tile_batch,
         vae_encoder_tile=args.vae_encoder_tile,
         vae_decoder_tile=args.vae_decoder_tile,
+        vae_offload=args.vae_offload,
         sample_posterior=args.sample_posterior,
         seed=args.seed,
     )

@@ -14,13 +14,12 @@ from ..errors import ConfigError
 from ..latents import (
     LATENT_OVERLAP,
     LATENT_TILE,
-    VAE_DECODER_PAD,
     VAE_DECODER_TILE,
-    VAE_ENCODER_PAD,
     VAE_ENCODER_TILE,
     vae_decode,
     vae_encode,
 )
+from ..vae_tiling import OFFLOADS
 
 
 @dataclass
@@ -33,6 +32,7 @@ class RunOptions:
     tile_batch: int = 4
     vae_encoder_tile: int = VAE_ENCODER_TILE
     vae_decoder_tile: int = VAE_DECODER_TILE
+    vae_offload: str = "auto"
     sample_posterior: bool = False
     seed: int | None = None
     progress: Callable[[dict], None] | None = None
@@ -70,6 +70,8 @@ class LatentSR:
         for k in ("tile_size", "tile_batch", "vae_encoder_tile", "vae_decoder_tile"):
             if getattr(opts, k) < 1:
                 raise ConfigError(f"{k}={getattr(opts, k)} must be >= 1")
+        if opts.vae_offload not in OFFLOADS:
+            raise ConfigError(f"vae_offload={opts.vae_offload!r} is not one of {', '.join(OFFLOADS)}")
         if not 0 <= opts.tile_overlap < opts.tile_size:
             raise ConfigError(f"tile_overlap={opts.tile_overlap} must be in [0, tile_size={opts.tile_size})")
         return opts
@@ -90,13 +92,13 @@ class LatentSR:
             sample=opts.sample_posterior,
             generator=gen,
             tile=opts.vae_encoder_tile,
-            pad=VAE_ENCODER_PAD,
+            offload=opts.vae_offload,
         )
         return z.float()
 
     def decode(self, z: torch.Tensor, opts: RunOptions) -> torch.Tensor:
         """z (1, 4, h, w) → image (1, 3, 8h, 8w) in [0, 1], fp32."""
-        x = vae_decode(self.vae, z, tile=opts.vae_decoder_tile, pad=VAE_DECODER_PAD)
+        x = vae_decode(self.vae, z, tile=opts.vae_decoder_tile, offload=opts.vae_offload)
         return (x.float() + 1) / 2
 
 

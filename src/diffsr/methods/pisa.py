@@ -1,24 +1,28 @@
 """PiSA-SR: one-step SR with a pixel-level and a semantic-level LoRA on SD 2.1 (paper Eq. 8).
 
 Forward (authors' code): z_L = VAE(x_up); ε = UNet(z_L, t=1, text("")); z_H = z_L − ε; y = VAE⁻¹(z_H).
-The pixel LoRA is folded into the UNet weights at load (it is active in every mode); the semantic
-LoRA stays a peft adapter that is merged for the default mode (λ_pix = λ_sem = 1: one plain UNet
-pass) and unmerged for the adjustable mode, where one batched UNet call computes ε_pix (base+pix)
-for one half of the batch and ε_pix+sem for the other half (peft mixed-batch adapters), and
+Both LoRA sets are folded into the UNet weights once, at load, in fp32 (base + pix + sem): the default
+mode (λ_pix = λ_sem = 1) is one plain UNet pass. The adjustable mode needs ε_pix (base + pix) too:
+the semantic set is also kept as a peft adapter with its B negated ("minus_sem"), and one batched
+UNet call computes ε_pix+sem (no adapter) for one half of the batch and ε_pix (with minus_sem) for
+the other half (peft mixed-batch adapters, routed per call through a context variable), then
 
     ε = λ_pix·ε_pix + λ_sem·(ε_pix+sem − ε_pix)                                  (paper Eq. 8)
 
-No second copy of the UNet weights exists in any mode.
+Nothing is merged or unmerged after load, so a call never changes the weights: every mode gives the
+same bits whatever ran before, and threads may share one model. No second copy of the UNet exists.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import checkpoints, lora
@@ -26,7 +30,7 @@ from ..color import color_fix as apply_color_fix
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
 from ..latents import tiled_predict
-from ..resize import pil_resize
+from ..resize import PIL_FILTERS, pil_resize
 from ..sd import SDParts, encode_prompts, load_sd_parts, resolve_base
 from .base import LatentSR, RunOptions, vae_dtype_for
 
@@ -38,6 +42,7 @@ WEIGHTS_HELP = (
     "the authors' README (github.com/csslc/PiSA-SR) and pass --weights PATH or set DIFFSR_PISA_WEIGHTS"
 )
 ADAPTERS = ("pix", "sem")
+MINUS_SEM = "minus_sem"  # the semantic set with B negated: base+pix+sem − sem = base+pix
 _OFFICIAL_KEY = re.compile(r"\.lora_([AB])\.default_(encoder|decoder|others)_(pix|sem)\.")
 
 
@@ -145,6 +150,14 @@ def _split_sets(tensors: dict[str, torch.Tensor], where: Path) -> tuple[dict, di
     return sets["pix"], sets["sem"]
 
 
+def _negated_b(sem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The semantic set re-keyed for the minus_sem adapter, with every lora_B negated."""
+    out = {}
+    for k, v in sem.items():
+        out[k.replace(".sem.", f".{MINUS_SEM}.")] = -v if ".lora_B." in k else v
+    return out
+
+
 def random_weights(unet: torch.nn.Module, *, seed: int = 0, rank: int = 4, std: float = 0.02) -> PisaWeights:
     """PiSA-SR LoRA sets of random values on the authors' 258-module selection of `unet` (for tests
     and benchmarks; B is non-zero so that each set changes the output)."""
@@ -154,19 +167,62 @@ def random_weights(unet: torch.nn.Module, *, seed: int = 0, rank: int = 4, std: 
     return PisaWeights(PisaConfig(targets, targets, rank, rank), sets["pix"], sets["sem"])
 
 
-def preprocess(lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The authors' input preparation. lr: (1, 3, h, w) in [0, 1].
+# our rule: the authors' enlargement of small inputs never makes an image larger than this area
+MAX_ENLARGED_AREA = 512 * 512
 
-    If a side is < 128 the image is first resized (bicubic) so its short side is 128; then bicubic
-    ×4; then Lanczos down to a multiple of 8. Returns (x_up (1, 3, H8, W8) in [0, 1], (4h, 4w))."""
+
+def enlarge_factor(h: int, w: int) -> float:
+    """The factor of the authors' first resize: inputs with a side < 128 are enlarged so that the short
+    side is 128. Ours adds two bounds for long thin images (the authors' rule turns 300×1 into a
+    38400×128 image, 153600×512 at the model): the enlarged area stays ≤ 512² unless the image is
+    larger already, and the short side reaches at least 2 px (8 px after ×4). Both leave every input
+    with sides ≥ 128, or of area ≤ 128·512 (e.g. 20×300 → 128×1920), exactly as the authors do."""
+    short = min(h, w)
+    if short >= 128:
+        return 1.0
+    s = min(128 / short, max(1.0, math.sqrt(MAX_ENLARGED_AREA / (h * w))))
+    return max(s, 2 / short)
+
+
+def exact_uint8(x: torch.Tensor) -> np.ndarray | None:
+    """x (1, 3, h, w) in [0, 1] as a uint8 (h, w, 3) array when every value is k/255 (8-bit data),
+    else None."""
+    q = (x[0] * 255).round()
+    if q.min() < 0 or q.max() > 255 or not torch.equal(q / 255, x[0]):
+        return None
+    return q.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def preprocess(lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The authors' input preparation. lr: (1, 3, h, w) in [0, 1], on the CPU.
+
+    Small inputs are first enlarged (bicubic, `enlarge_factor`); then bicubic ×4; then Lanczos down to
+    a multiple of 8. 8-bit data (every value k/255) goes through Pillow's uint8 path exactly as the
+    authors' PIL images do (Pillow rounds and clips between its horizontal and vertical passes);
+    other data (16-bit, float) through the same kernels in float. Returns (x_up (1, 3, H8, W8) in
+    [0, 1] float32, (4h, 4w))."""
+    from PIL import Image
+
     h, w = lr.shape[-2:]
+    steps = []
+    s = enlarge_factor(h, w)
+    if s != 1.0:
+        h1, w1 = int(s * h), int(s * w)
+        steps.append(("bicubic", (h1, w1)))
+    else:
+        h1, w1 = h, w
+    hh, ww = 4 * h1, 4 * w1
+    steps += [("bicubic", (hh, ww)), ("lanczos", (hh - hh % 8, ww - ww % 8))]
+    u8 = exact_uint8(lr)
+    if u8 is not None:
+        im = Image.fromarray(u8)
+        for method, (th, tw) in steps:
+            im = im.resize((tw, th), PIL_FILTERS[method])
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255
+        return x, (4 * h, 4 * w)
     x = lr
-    if w < 128 or h < 128:
-        s = 128 / min(w, h)
-        x = pil_resize(x, (int(s * h), int(s * w)), "bicubic")
-    hh, ww = x.shape[-2] * 4, x.shape[-1] * 4
-    x = pil_resize(x, (hh, ww), "bicubic")
-    x = pil_resize(x, (hh - hh % 8, ww - ww % 8), "lanczos")
+    for method, size in steps:
+        x = pil_resize(x, size, method)
     return x.clamp(0, 1), (4 * h, 4 * w)
 
 
@@ -202,11 +258,14 @@ class PiSASR(LatentSR):
         torch.nn.Module.to(self.unet, torch.float32)
         lora.add_lora(self.unet, "pix", cfg.targets_pix, cfg.rank_pix, cfg.alpha_pix)
         lora.load_lora_tensors(self.unet, "pix", weights.pix)
-        lora.fold_adapters(self.unet)  # base + pix: active in every mode
         lora.add_lora(self.unet, "sem", cfg.targets_sem, cfg.rank_sem, cfg.alpha_sem)
         lora.load_lora_tensors(self.unet, "sem", weights.sem)
-        lora.merge_adapter(self.unet, "sem")  # default mode; unmerged on demand
-        self._sem_merged = True
+        lora.set_active_adapters(self.unet, ["pix", "sem"])  # peft activates only the last one added
+        lora.fold_adapters(self.unet)  # base + pix + sem in fp32, for good: the default mode's weights
+        lora.add_lora(self.unet, MINUS_SEM, cfg.targets_sem, cfg.rank_sem, cfg.alpha_sem)
+        lora.load_lora_tensors(self.unet, MINUS_SEM, _negated_b(weights.sem))
+        lora.set_active_adapters(self.unet, [])  # a plain call is the default mode
+        lora.route_adapters(self.unet)
         torch.nn.Module.to(self.unet, dtype).eval().requires_grad_(False)
         self.timestep = torch.tensor([cfg.timestep], device=self.device, dtype=torch.long)
 
@@ -254,30 +313,18 @@ class PiSASR(LatentSR):
         return self.weights.save(folder)
 
     # ---------------------------------------------------------------- UNet passes
-    def _set_sem_merged(self, merged: bool) -> None:
-        # Switching modes merges/unmerges the semantic LoRA in place; in fp32 the round trip is exact
-        # to ~1e-7, in fp16/bf16 each switch adds a rounding step (reload for bit-exact results).
-        if merged != self._sem_merged:
-            if merged:
-                lora.merge_adapter(self.unet, "sem")
-            else:
-                lora.unmerge_all(self.unet)
-            self._sem_merged = merged
-
     def _unet(self, z: torch.Tensor) -> torch.Tensor:
         emb = self.prompt_embeds.expand(z.shape[0], -1, -1)
         return self.unet(z.to(self.dtype), self.timestep, encoder_hidden_states=emb).sample
 
     def predict_default(self, z: torch.Tensor) -> torch.Tensor:
-        """ε with both LoRA sets merged (λ = 1, 1): z (n, 4, h, w) → (n, 4, h, w)."""
-        self._set_sem_merged(True)
+        """ε with both LoRA sets folded in (λ = 1, 1): z (n, 4, h, w) → (n, 4, h, w)."""
         return self._unet(z)
 
     def predict_pair(self, z: torch.Tensor) -> torch.Tensor:
         """[ε_pix, ε_pix+sem] from ONE batched UNet call: z (n, 4, h, w) → (n, 8, h, w)."""
-        self._set_sem_merged(False)
         n = z.shape[0]
-        with lora.per_sample_adapters(self.unet, ["__base__"] * n + ["sem"] * n):
+        with lora.adapter_batch([MINUS_SEM] * n + ["__base__"] * n):
             eps = self._unet(torch.cat([z, z]))
         return torch.cat([eps[:n], eps[n:]], dim=1)
 

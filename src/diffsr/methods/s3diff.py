@@ -7,7 +7,10 @@ at t = 999; z0 = (z − √(1−ᾱ)ε)/√ᾱ; y = VAE⁻¹(z0), cropped; wavel
 
 The LoRA layers are peft's; the modulation is a forward hook on each layer's `lora_A` that maps
 its output h to Mᵀh (per pixel for convolutions, per token for linear layers), so the layer computes
-exactly the authors' modified forward without replacing peft's code. Positive and negative passes
+exactly the authors' modified forward without replacing peft's code. The matrices of a call are
+not stored on the model: `modulated(scores)` sets them in a context variable of the model (each
+thread and each call has its own value), so one loaded model serves concurrent calls, and
+`checkpoint` carries them into gradient checkpointing's recomputation. Positive and negative passes
 run as ONE batched UNet call; the prompt embeddings are computed once, when the model is built.
 """
 
@@ -17,6 +20,7 @@ import gc
 import math
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -442,8 +446,11 @@ class S3Diff(LatentSR):
         torch.nn.Module.to(self.unet, dtype).eval().requires_grad_(False)
         torch.nn.Module.to(self.vae, vae_dtype).eval().requires_grad_(False)
 
-        # M for the current call, per network: (N or 1, blocks, r, r); read by the lora_A hooks
-        self._active: dict[str, torch.Tensor | None] = {"unet": None, "vae": None}
+        # M of the current call, per network: {"unet"|"vae": (N or 1, blocks, r, r)}; read by the lora_A
+        # hooks. A context variable, not an attribute: concurrent calls each see their own.
+        self._matrices: ContextVar[dict[str, torch.Tensor] | None] = ContextVar(
+            f"s3diff_matrices_{id(self)}", default=None
+        )
         self._hooks = [
             *self._install(self.unet, "unet", UNET_ADAPTER, unet_block_id),
             *self._install(self.vae, "vae", VAE_ADAPTER, vae_block_id),
@@ -457,10 +464,10 @@ class S3Diff(LatentSR):
             bid = block_id(name)
 
             def hook(_mod, _inp, out, bid=bid):
-                m = self._active[kind]
+                m = self._matrices.get()
                 if m is None:
                     raise RuntimeError(f"S3Diff {kind} LoRA ran without degradation modulation")
-                return modulate(out, m[:, bid].to(out.dtype))
+                return modulate(out, m[kind][:, bid].to(out.dtype))
 
             handles.append(layer.lora_A[adapter].register_forward_hook(hook))
         return handles
@@ -470,11 +477,27 @@ class S3Diff(LatentSR):
         """Within the block, the LoRA layers use the matrices for `scores` (B, 2); the networks'
         batches must have B elements, or B must be 1 (then every batch element uses them)."""
         m_unet, m_vae = self.modulation(scores.to(self.device).float())
-        self._active = {"unet": m_unet, "vae": m_vae}
+        token = self._matrices.set({"unet": m_unet, "vae": m_vae})
         try:
             yield m_unet, m_vae
         finally:
-            self._active = {"unet": None, "vae": None}
+            self._matrices.reset(token)
+
+    def checkpoint(self, fn, *args, **kwargs):
+        """Gradient checkpointing that recomputes `fn` with the matrices of the call that ran it
+        (pass to diffusers' `enable_gradient_checkpointing(gradient_checkpointing_func=...)`)."""
+        from torch.utils.checkpoint import checkpoint
+
+        matrices = self._matrices.get()
+
+        def run(*a, **kw):
+            token = self._matrices.set(matrices)
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._matrices.reset(token)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -94,7 +94,7 @@ class S3DiffTrainer:
         for n, p in gen.named_parameters():
             p.requires_grad_(".lora_" in n or n.startswith("unet.conv_in.") or n.startswith("modulation."))
         if cfg.gradient_checkpointing:
-            gen.unet.enable_gradient_checkpointing()
+            gen.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self.model.checkpoint)
         gen.train()
         disc = VisionAidedDiscriminator(cfg.disc_backbone, pretrained=cfg.disc_pretrained,
                                         layers=tuple(cfg.disc_layers), img_size=cfg.disc_img_size)  # fmt: skip

@@ -119,19 +119,21 @@ class PatchScalerNets(nn.Module):
 
 class _PatchDenoiser:
     """Patch-DiT as a PGS denoiser: texture prompts and their per-block cross-attention keys/values are
-    computed once per chunk of patches (they do not depend on t) and reused for the chunk's N calls."""
+    computed once per chunk of patches (they do not depend on t) and reused for the chunk's N calls.
+    One denoiser serves one call (it is built per call). The sampler passes the same `idx` tensor for
+    every step of a chunk, so the chunk is recognised by identity: no device-to-host sync per step."""
 
     def __init__(self, nets: PatchScalerNets, k: int, dtype: torch.dtype):
         self.nets, self.k, self.dtype = nets, k, dtype
-        self._key: torch.Tensor | None = None
+        self._idx: torch.Tensor | None = None  # the chunk whose prompts are cached (kept alive: identity)
         self._cache = None
         self.prompt_patches = 0  # patches whose texture prompt was encoded (for tests and stats)
 
     def __call__(self, x_t, t, y0, idx):
-        if self._key is None or self._key.shape != idx.shape or not torch.equal(self._key, idx.cpu()):
+        if idx is not self._idx:
             prompt = self.nets.prompts(y0.to(self.dtype), self.k)
             self._cache = self.nets.dit.prompt_cache(prompt)
-            self._key = idx.cpu().clone()
+            self._idx = idx
             self.prompt_patches += idx.numel()
         return self.nets.dit(x_t.to(self.dtype), t, y0.to(self.dtype), self._cache).float()
 
