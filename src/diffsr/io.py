@@ -13,9 +13,11 @@ go through OpenCV. Files are written atomically (temporary file + ``os.replace``
 from __future__ import annotations
 
 import contextlib
+import io
 import operator
 import os
 import secrets
+import zlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -505,15 +507,21 @@ def _format_for(path: Path) -> str:
 
 
 def write_image(
-    path: str | os.PathLike, image: ImageData, *, overwrite: bool = False, quality: int = 95
+    path: str | os.PathLike,
+    image: ImageData,
+    *,
+    overwrite: bool = False,
+    quality: int = 95,
+    text: dict[str, str] | None = None,
 ) -> Path:
     """Encode ``image`` to ``path`` (format from the extension) atomically and return the Path.
 
     16-bit images are written as 16-bit PNG/TIFF; JPEG, WebP and BMP get 8 bits. 16-bit gray +
     alpha has no common 16-bit file layout through our encoders, so it is written as 16-bit RGBA
     (gray replicated). Alpha is kept for PNG, WebP, TIFF and BMP (32-bit BGRA); JPEG with alpha
-    raises ImageError. ``quality`` (1-100) applies to JPEG and WebP. An existing file is only
-    replaced with ``overwrite=True``. Parent directories are created.
+    raises ImageError. ``quality`` (1-100) applies to JPEG and WebP. ``text`` (PNG only) is stored
+    as tEXt chunks (Latin-1 keys and values). An existing file is only replaced with
+    ``overwrite=True``. Parent directories are created.
     """
     path = Path(path)
     fmt = _format_for(path)
@@ -544,7 +552,12 @@ def write_image(
         raise ImageError(f"{path}: cannot write ({_one_line(e)})") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            _encode(image, fmt, quality, f, path)
+            if text and fmt == "PNG":
+                buf = io.BytesIO()
+                _encode(image, fmt, quality, buf, path)
+                f.write(png_with_text(buf.getvalue(), text))
+            else:
+                _encode(image, fmt, quality, f, path)
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
@@ -561,6 +574,19 @@ def write_image(
         raise
     _fsync_dir(parent)
     return path
+
+
+def png_with_text(data: bytes, text: dict[str, str]) -> bytes:
+    """PNG bytes with a tEXt chunk per (key, value) inserted after IHDR (PNG spec §11.3.4.3)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ImageError("not a PNG stream")
+    end = 8 + 8 + int.from_bytes(data[8:12], "big") + 4  # signature, IHDR header + data + CRC
+    chunks = []
+    for key, value in text.items():
+        body = key.encode("latin-1")[:79] + b"\0" + str(value).encode("latin-1", "replace")
+        chunks.append(len(body).to_bytes(4, "big") + b"tEXt" + body
+                      + zlib.crc32(b"tEXt" + body).to_bytes(4, "big"))  # fmt: skip
+    return data[:end] + b"".join(chunks) + data[end:]
 
 
 def _publish_no_clobber(tmp: Path, path: Path) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, degrade, eval, rtm, train, upscale
+from . import bench, degrade, eval, rtm, train, upscale, web
 
-SUBCOMMANDS = (upscale, degrade, eval, bench, train, rtm)
+SUBCOMMANDS = (upscale, degrade, eval, bench, train, rtm, web)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -243,6 +243,19 @@ class PatchScaler(LatentSR):
         _, corners, padded = split_patches(y_hr, self.config.patch, self.config.stride)
         return mean_confidence(conf, corners, self.config.patch, padded)
 
+    @torch.no_grad()
+    def group_map(
+        self, lr: torch.Tensor, *, thresholds: tuple[float, float] | None = None, **options
+    ) -> tuple[list[tuple[int, int]], torch.Tensor, int]:
+        """Which group PGS puts each window in: (corners [(y, x)] in latent pixels, group index per
+        window (M,) int64 — 0 simple, 1 medium, 2 hard —, window side V in latent pixels)."""
+        from .pgs import assign_groups, mean_confidence, split_patches
+
+        _, y_hr, conf, _ = self.coarse(lr.to(self.device), self.options(options))
+        _, corners, padded = split_patches(y_hr, self.config.patch, self.config.stride)
+        a = mean_confidence(conf, corners, self.config.patch, padded)
+        return corners, assign_groups(a, tuple(thresholds or self.config.thresholds)).cpu(), self.config.patch
+
     def _denoisers(self, devices: dict | None) -> dict[str, Callable]:
         if not devices:
             return {"main": _PatchDenoiser(self.nets, self.config.texture_k, self.dtype)}
