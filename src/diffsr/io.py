@@ -17,8 +17,8 @@ import io
 import operator
 import os
 import secrets
-import zlib
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
