@@ -321,6 +321,7 @@ def test_s3diff_resume_equals_uninterrupted(hq_dir, tiny_sd_dir, de_net_path, tm
     assert w.de_net is not None and "conv_in.weight" in w.unet
 
 
+@pytest.mark.slow
 def test_cli_train_tensorboard_bf16_gradient_checkpointing(hq_dir, tiny_sd_dir, tmp_path):
     """Through the CLI in a fresh process (accelerate's precision is fixed per process)."""
     import os
