@@ -233,3 +233,33 @@ def test_patchscaler_run_draws_the_group_map():
     nearest = np.abs(overlay[:, None] - colours[None]).max(-1)  # (pixels, 3 groups)
     assert nearest.min(1).max() < 1e-4  # every pixel shows one group's colour over the result
     assert set(nearest.argmin(1).tolist()) == set(groups.tolist())
+
+
+@pytest.mark.browser
+def test_page_shows_a_one_line_error_and_no_image(photo):
+    """A model that cannot load (no weights) gives one line in the page, and no output image."""
+    sync_playwright = _browser_or_skip()
+    from diffsr.errors import WeightsNotFoundError
+    from diffsr.web import serve
+
+    def missing():
+        raise WeightsNotFoundError("pisa_sr.pkl: no such file or folder. Pass --weights PATH")
+
+    port = _free_port()
+    demo = serve(ModelPool({"pisa": missing}), port=port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu",
+                                                                       "--disable-background-networking"])  # fmt: skip
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+            upload = page.locator("#pisa-input input[type=file]")
+            upload.wait_for(state="attached", timeout=60_000)
+            upload.set_input_files(str(photo))
+            toast = page.get_by_text("pisa_sr.pkl: no such file or folder. Pass --weights PATH")
+            toast.first.wait_for(timeout=60_000)
+            assert page.locator("#pisa-slider img").count() == 0
+            assert page.locator("#pisa-download a[download]").count() == 0
+            browser.close()
+    finally:
+        demo.close()
