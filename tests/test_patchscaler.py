@@ -209,6 +209,7 @@ def test_train_patchscaler_phases_and_export(texture_memory, tmp_path, tiny_sd_d
         data=[str(hq)], output_dir=str(tmp_path / "run"), base=str(tiny_sd_dir), rtm=str(texture_memory),
         batch_size=1, crop_size=128, max_steps=3, grm_steps=2, dit_preset="tiny", grm_widths=[16, 32, 64],
         grm_blocks=1, texture_depth=1, learning_rate=1e-3, log_with="csv", log_every=1, checkpoint_every=3,
+        lr_scheduler="linear",
     ))  # fmt: skip
     trainer = build_trainer(cfg)
     final = run_training(trainer, log=lambda s: None)
@@ -217,6 +218,8 @@ def test_train_patchscaler_phases_and_export(texture_memory, tmp_path, tiny_sd_d
     assert "loss_grm" in log and "loss_diffusion" in log and "group_hard" in log
     rows = [r.split(",") for r in log.splitlines()[1:]]
     assert {r[0] for r in rows if r[1] == "loss_grm"} == {"1", "2"}  # the GRM loss only in phase 1
+    lrs = [float(r[2]) for r in rows if r[1] == "lr"]  # one linear schedule over the run, across the switch
+    assert lrs == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0], abs=1e-9)
     img = tmp_path / "x.png"
     Image.new("RGB", (16, 20), (40, 90, 200)).save(img)
     assert main(["upscale", str(img), "-o", str(tmp_path / "up"), "--method", "patchscaler", "--weights", str(final),

@@ -349,3 +349,43 @@ def test_csd_leaves_trainability_alone(pisa_trainer):
     before = {n for n, p in t.base_unet.named_parameters() if p.requires_grad}
     t.train_step(fixed_batch(t), 2, gen_for(2))
     assert {n for n, p in t.base_unet.named_parameters() if p.requires_grad} == before
+
+
+def _csv_rows(run: Path, name: str) -> list[tuple[int, float]]:
+    rows = [r.split(",") for r in (run / "logs.csv").read_text().splitlines()[1:]]
+    return [(int(r[0]), float(r[2])) for r in rows if r[1] == name]
+
+
+def test_s3diff_schedule_steps_once_per_step_and_resume_logs_no_duplicates(
+    hq_dir, tiny_sd_dir, de_net_path, tmp_path
+):
+    """The generator updates twice per step (reconstruction, then GAN); its learning-rate schedule
+    advances once. A resumed run drops the log rows the killed run wrote after its checkpoint."""
+    cfg = s3diff_cfg(hq_dir, tiny_sd_dir, de_net_path, tmp_path / "r", max_steps=4, lr_scheduler="linear",
+                     checkpoint_every=2)  # fmt: skip
+    run_training(_trainer(cfg), log=lambda s: None, stop_after=3)  # checkpoint at 2, "killed" after 3
+    assert [s for s, _ in _csv_rows(tmp_path / "r", "lr")] == [1, 2, 3]
+    (tmp_path / "r" / "checkpoints" / ".step-0000004.tmp-999").mkdir()  # a save interrupted by a kill
+    run_training(_trainer(cfg), resume=True, log=lambda s: None)
+    rows = _csv_rows(tmp_path / "r", "lr")
+    assert [s for s, _ in rows] == [1, 2, 3, 4]  # step 3 logged once, by the resumed run
+    assert [v for _, v in rows] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0], abs=1e-12)
+    assert not list((tmp_path / "r" / "checkpoints").glob(".step-*"))
+    mode = (tmp_path / "r" / "final" / "model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_fp16_on_cpu_is_refused_up_front(hq_dir, tiny_sd_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "f", mixed_precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        run_training(_trainer(cfg), log=lambda s: None)

@@ -40,3 +40,9 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_sd_dir):
     assert all(torch.equal(f0[k], s0[k]) for k in pix)  # frozen in stage 2
     assert any(not torch.equal(f0[k], s0[k]) for k in sem_b)  # trained in stage 2
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    # the schedule advances once per update, not once per process: stage 2 is linear over 2 steps
+    rows = [r.split(",") for r in (out / "logs.csv").read_text().splitlines()[1:]]
+    lrs = {int(r[0]): float(r[2]) for r in rows if r[1] == "lr"}
+    assert lrs[2] == pytest.approx(0.5e-3) and lrs[3] == 0.0
+    assert len([r for r in rows if r[1] == "loss" and r[0] == "2"]) == 1  # one row: the ranks' mean
+    assert "rank1:" not in res.stdout  # rank 0 speaks for the run

@@ -45,6 +45,21 @@ def safe_torch_load(path: str | os.PathLike) -> object:
         ) from None
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where Linux offers it (os.umask would change it for a moment,
+    which other threads could see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Create `path` atomically: `write(tmp_path)` fills a temporary file in the same folder, which is
     fsynced and renamed over `path`; on any error the temporary file is removed and `path` untouched."""
@@ -52,6 +67,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and writers that replace the file) give 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

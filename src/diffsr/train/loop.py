@@ -121,6 +121,22 @@ class _CSVLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run logs those steps again)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        if len(keep) != len(rows):
+            from ..checkpoints import atomic_write
+
+            def write(p):
+                with open(p, "w", newline="") as f:
+                    csv.writer(f).writerows(keep)
+
+            atomic_write(self.path, write)
+
     def log(self, values: dict, step: int) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
@@ -190,6 +206,8 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
 
     cfg = trainer.cfg
     out = Path(cfg.output_dir)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU (on the CPU use bf16 or no)")
     # find_unused_parameters: PiSA-SR's stage 1 leaves the semantic LoRA unused by the forward
     accelerator = Accelerator(
         # CPU-only machines: cpu=True lets torchrun/accelerate launch run several processes over gloo
@@ -201,8 +219,12 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
         project_dir=str(out),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:  # one voice: rank 0 prints for the run
+        log = lambda _line: None  # noqa: E731
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / CHECKPOINTS).glob(".step-*.tmp-*") if (out / CHECKPOINTS).is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while it saved
         existing = list_checkpoints(out)
         if existing and not resume:
             raise ConfigError(
@@ -232,6 +254,8 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
     if accelerator.is_main_process and cfg.log_with == "tensorboard":
         accelerator.init_trackers("diffsr")
     csv_log = _CSVLog(out / "logs.csv") if cfg.log_with == "csv" and accelerator.is_main_process else None
+    if csv_log:
+        csv_log.truncate_after(step)
 
     def log_values(values: dict, at: int) -> None:
         if csv_log:
@@ -268,6 +292,11 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
         step += 1
         done_here += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if world > 1 and logs:  # every rank's values, averaged (a collective: all ranks are here)
+                names = sorted(logs)
+                vals = accelerator.reduce(torch.tensor([float(logs[k]) for k in names], dtype=torch.float64,
+                                                       device=accelerator.device), reduction="mean")  # fmt: skip
+                logs = dict(zip(names, vals.tolist(), strict=True))
             logs["lr"] = _current_lr(trainer)
             logs["sec_per_step"] = (time.perf_counter() - t0) / done_here
             log_values(logs, step)

@@ -110,11 +110,14 @@ class PatchScalerTrainer:
     def on_step(self, step: int) -> None:
         phase = 1 if step < self.cfg.grm_steps else 2
         if phase != self.phase:
-            self.enter_phase(phase)
+            self.enter_phase(phase, step)
 
-    def enter_phase(self, phase: int) -> None:
+    def enter_phase(self, phase: int, step: int = 0) -> None:
         """Phase 1: GRM + Patch-DiT + texture encoder; phase 2: GRM frozen (fresh optimizer, as at PiSA-SR's
-        stage switch, so Adam's state cannot move the frozen GRM)."""
+        stage switch, so Adam's state cannot move the frozen GRM). The learning-rate schedule spans the
+        whole run: the new scheduler starts where the old one was (`step`), not from its beginning."""
+        import warnings
+
         from .loop import optimizer_and_scheduler
 
         cfg, nets = self.cfg, self.nets
@@ -125,7 +128,12 @@ class PatchScalerTrainer:
             p for n, p in nets.named_parameters() if p.requires_grad and not n.startswith("classifier.")
         ]
         opt, sched = optimizer_and_scheduler(cfg, params, steps=cfg.max_steps, decoupled=False)  # paper: Adam
-        self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
+        # the scheduler stays unprepared: accelerate's wrapper would step it once per process
+        self.optimizer, self.scheduler = self.acc.prepare(opt), sched
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                sched.step()
         self.phase = phase
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +152,8 @@ class PatchScalerTrainer:
                 params = [p for p in self.nets.parameters() if p.requires_grad]
                 self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if self.acc.sync_gradients:  # once per update, not per micro-batch
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         logs["loss"] = float(loss)
         logs.update(
@@ -192,7 +201,7 @@ class PatchScalerTrainer:
         }
 
     def load_optimizer_states(self, states: dict, step: int) -> None:
-        self.enter_phase(1 if step < self.cfg.grm_steps else 2)
+        self.enter_phase(1 if step < self.cfg.grm_steps else 2, step)
         if states.get("phase") == self.phase:
             self.optimizer.load_state_dict(states["optimizer"])
             self.scheduler.load_state_dict(states["scheduler"])

@@ -95,7 +95,8 @@ class PisaTrainer:
             p.grad = None
         steps = cfg.pix_steps if stage == 1 else cfg.sem_steps
         opt, sched = optimizer_and_scheduler(cfg, self.trainable_parameters(), steps=steps)
-        self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
+        # the scheduler stays unprepared: accelerate's wrapper would step it once per process
+        self.optimizer, self.scheduler = self.acc.prepare(opt), sched
         self.stage = stage
 
     # ------------------------------------------------------------------ forward
@@ -147,7 +148,8 @@ class PisaTrainer:
             if self.acc.sync_gradients:
                 self.acc.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if self.acc.sync_gradients:  # once per update, not per micro-batch
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         logs["loss"] = loss.item()
         logs["stage"] = float(self.stage)

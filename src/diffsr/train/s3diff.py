@@ -103,9 +103,10 @@ class S3DiffTrainer:
         opt_g, sched_g = optimizer_and_scheduler(cfg, [p for p in gen.parameters() if p.requires_grad],
                                                  steps=cfg.max_steps)  # fmt: skip
         opt_d, sched_d = optimizer_and_scheduler(cfg, disc.trainable_parameters(), steps=cfg.max_steps)
-        (self.gen, self.disc, self.optimizer, self.optimizer_d, self.scheduler, self.scheduler_d) = (
-            accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
-        )
+        # schedulers stay unprepared (accelerate's wrapper steps them once per process); each steps once
+        # per training step, after the generator's one or two updates
+        self.scheduler, self.scheduler_d = sched_g, sched_d
+        (self.gen, self.disc, self.optimizer, self.optimizer_d) = accelerator.prepare(gen, disc, opt_g, opt_d)
         self.lpips = LPIPSLoss(net=cfg.lpips_net, pretrained=cfg.lpips_pretrained).to(dev)
 
     def on_step(self, step: int) -> None:
@@ -118,7 +119,6 @@ class S3DiffTrainer:
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self._g_params(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _d_update(self, loss: torch.Tensor) -> None:
@@ -162,6 +162,7 @@ class S3DiffTrainer:
             self._d_update(loss_fake)
             self.scheduler_d.step()
             logs.update(loss_g=loss_g.item(), loss_d_real=loss_real.item(), loss_d_fake=loss_fake.item())
+        self.scheduler.step()  # once per step, however many generator updates it took
         return logs
 
     @torch.no_grad()
