@@ -230,10 +230,13 @@ def test_validation_writes_images_and_metrics(hq_dir, tiny_sd_dir, tmp_path):
     cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "v", pix_steps=1, sem_steps=0, max_steps=1, val_data=str(hq_dir),
                    val_count=2, val_crop=64, validate_every=1)  # fmt: skip
     run_training(_trainer(cfg), log=lambda s: None)
-    imgs = sorted(p.name for p in (tmp_path / "v" / "val" / "step-0000001").iterdir())
-    assert imgs == ["0.png", "1.png"] and Image.open(
-        tmp_path / "v" / "val" / "step-0000001" / "0.png"
-    ).size == (64, 64)
+    folder = tmp_path / "v" / "val" / "step-0000001"
+    imgs = sorted(p.name for p in folder.iterdir())
+    assert imgs == ["0.png", "0_lr-sr-hr.png", "1.png", "1_lr-sr-hr.png"]
+    assert Image.open(folder / "0.png").size == (64, 64)
+    strip = np.asarray(Image.open(folder / "0_lr-sr-hr.png"))
+    assert strip.shape == (64, 192, 3)
+    assert np.array_equal(strip[:, 64:128], np.asarray(Image.open(folder / "0.png")))  # the SR in the middle
     log = (tmp_path / "v" / "logs.csv").read_text()
     assert "val/psnr" in log and "val/ssim" in log
 
@@ -389,3 +392,104 @@ def test_fp16_on_cpu_is_refused_up_front(hq_dir, tiny_sd_dir, tmp_path):
     cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "f", mixed_precision="fp16")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         run_training(_trainer(cfg), log=lambda s: None)
+
+
+def test_ema_recurrence_checkpointed_and_exported(hq_dir, tiny_sd_dir, tmp_path):
+    from diffsr.methods.pisa import PisaWeights
+
+    d = 0.5
+    cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "e", pix_steps=2, sem_steps=1, ema_decay=d, keep_last=10)
+    final = run_training(_trainer(cfg), log=lambda s: None)
+    ck = lambda s, f: load_file(tmp_path / "e" / "checkpoints" / f"step-{s:07d}" / f)  # noqa: E731
+    ema2, ema3, w3 = ck(2, "ema.safetensors"), ck(3, "ema.safetensors"), ck(3, "weights.safetensors")
+    for k in w3:  # avg_3 = d·avg_2 + (1 − d)·w_3
+        torch.testing.assert_close(ema3[k], d * ema2[k] + (1 - d) * w3[k].float(), atol=1e-7, rtol=1e-6)
+    exported = PisaWeights.load(final)
+    key = next(k for k in w3 if ".lora_B.sem." in k)
+    assert not torch.equal(ema3[key], w3[key])  # the average is not the last weights …
+    torch.testing.assert_close(exported.sem[key], ema3[key])  # … and the export holds the average
+
+
+def test_sigterm_checkpoints_and_resume_from_a_chosen_checkpoint(hq_dir, tiny_sd_dir, tmp_path):
+    import os
+    import signal
+
+    from diffsr.train.loop import TrainingStopped
+
+    cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "t", checkpoint_every=100, num_workers=1)
+    trainer = _trainer(cfg)
+    on_step = trainer.on_step
+
+    def preempt(step):
+        on_step(step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2's work
+
+    trainer.on_step = preempt
+    with pytest.raises(TrainingStopped) as info:
+        run_training(trainer, log=lambda s: None)
+    assert info.value.checkpoint.name == "step-0000002"
+    assert [p.name for p in list_checkpoints(tmp_path / "t")] == ["step-0000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    out = run_training(_trainer(cfg), resume=info.value.checkpoint, log=lambda s: None)
+    assert out.name == "final"
+    with pytest.raises(ConfigError, match="not a diffsr checkpoint"):
+        run_training(_trainer(cfg), resume=tmp_path / "t" / "final", log=lambda s: None)
+
+
+def test_micro_batches_built_in_worker_processes_equal_in_process(hq_dir, tiny_sd_dir, tmp_path):
+    import os
+
+    from diffsr.train.data import HQImageDataset
+    from diffsr.train.loop import MicroBatches
+
+    cfg = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "w", pix_steps=3, sem_steps=0, batch_size=1)
+
+    class Traced(MicroBatches):
+        def __getitem__(self, k):
+            return {**super().__getitem__(k), "pid": os.getpid()}
+
+    def batches(workers: int, start: int) -> list[dict]:
+        ds = HQImageDataset(
+            cfg.data, crop_size=cfg.crop_size, min_size=cfg.min_size, hflip=cfg.hflip, seed=cfg.seed
+        )
+        mb = Traced(ds, cfg, rank=0, world=1, per_epoch=len(ds) // cfg.batch_size)
+        return list(mb.loader(start=start, num_workers=workers))
+
+    here, there = batches(0, 0), batches(2, 0)
+    assert len(here) == len(there) == 3
+    assert all(b["pid"] == os.getpid() for b in here) and all(b["pid"] != os.getpid() for b in there)
+    for a, b in zip(here, there, strict=True):
+        for k in ("hr", "lr", "lr_up"):
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+        assert a["caption"] == b["caption"]
+    resumed = batches(2, 1)  # a resumed run starts at its own micro-batch
+    torch.testing.assert_close(resumed[0]["lr"], here[1]["lr"], atol=1e-6, rtol=0)
+
+
+def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    """fp16 training's loss scale is saved and restored (a resumed run would otherwise restart it)."""
+    from diffsr.train.loop import load_checkpoint, save_checkpoint
+
+    class Tiny:  # just what the checkpoint functions use
+        cfg = build_config("pisa", dict(data=["x"], output_dir=str(tmp_path)))
+
+        def state_tensors(self):
+            return {"w": torch.ones(2)}
+
+        def optimizer_states(self):
+            return {}
+
+        def load_state_tensors(self, tensors):
+            self.loaded = tensors
+
+        def load_optimizer_states(self, states, step):
+            pass
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    scaler.update(new_scale=37.0)
+    ckpt = save_checkpoint(Tiny(), tmp_path, 5, keep_last=2, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    assert load_checkpoint(Tiny(), ckpt, fresh) == 5
+    assert fresh.get_scale() == 37.0 and fresh.get_growth_interval() == 7

@@ -52,7 +52,8 @@ def register(sub) -> None:
         m.add_argument(
             "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)"
         )
-        m.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+        m.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from the run folder's last checkpoint, or from the CHECKPOINT folder given")  # fmt: skip
         m.add_argument("--gradient-checkpointing", action="store_true", default=None)
         for flag, (_, tp) in {**_COMMON, **extra}.items():
             m.add_argument(flag, type=tp)
@@ -114,11 +115,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     quiet_libraries()
-    from ..train.loop import build_trainer, run_training
+    from ..train.loop import TrainingStopped, build_trainer, run_training
 
-    out = run_training(
-        build_trainer(cfg), resume=args.resume, log=lambda s: print(s, file=sys.stderr, flush=True)
-    )
+    try:
+        out = run_training(
+            build_trainer(cfg), resume=args.resume, log=lambda s: print(s, file=sys.stderr, flush=True)
+        )
+    except TrainingStopped as e:
+        print(f"diffsr: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM
     print(out)
     return 0
 

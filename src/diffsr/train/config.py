@@ -49,12 +49,15 @@ class TrainConfig:
     log_with: str = "tensorboard"  # "tensorboard" or "csv"
     log_every: int = 10
     num_workers: int = 0
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights; export it
     lpips_pretrained: bool = True  # False: random LPIPS backbone (tests; no download)
     sample_posterior: bool = True  # the authors sample the VAE posterior in training
 
     method: typing.ClassVar[str] = ""
 
     def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 disables the average)")
         if not self.data:
             raise ConfigError("training needs data: one or more HQ image folders or list files (--data)")
         if not self.output_dir:
@@ -163,8 +166,7 @@ class PatchScalerTrainConfig(TrainConfig):
     texture_depth: int = 2  # our choice (D12)
     patch: int = 16
     schedule: str = "linear"  # our choice (D5)
-    texture_k: int = 3
-    ema_decay: float = 0.0  # our choice (D17 suggests 0.9999; 0 disables)
+    texture_k: int = 3  # (ema_decay, shared by every method: PATCHSCALER.md D17 suggests 0.9999)
     degradation: str = "pisa"  # Real-ESRGAN second order (D18)
 
     method: typing.ClassVar[str] = "patchscaler"

@@ -155,7 +155,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     )
 
 
-def save_checkpoint(trainer: MethodTrainer, output_dir: Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(trainer: MethodTrainer, output_dir: Path, step: int, keep_last: int,
+                    ema: dict[str, torch.Tensor] | None = None, scaler=None) -> Path:  # fmt: skip
     """Write checkpoints/step-NNNNNNN atomically (temp folder + rename) and prune to the last K."""
     from safetensors.torch import save_file
 
@@ -168,7 +169,11 @@ def save_checkpoint(trainer: MethodTrainer, output_dir: Path, step: int, keep_la
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainer.state_tensors().items()}
         save_file(tensors, tmp / "weights.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
         torch.save(trainer.optimizer_states(), tmp / "optimizer.pt")
+        if scaler is not None:  # fp16's loss scale: a resumed run must not restart it
+            torch.save(scaler.state_dict(), tmp / "grad_scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "config": trainer.cfg.to_dict()}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -181,27 +186,94 @@ def save_checkpoint(trainer: MethodTrainer, output_dir: Path, step: int, keep_la
     return final
 
 
-def load_checkpoint(trainer: MethodTrainer, ckpt: Path) -> int:
-    """Restore weights and optimizer/scheduler states; return the step the checkpoint was taken at."""
+def load_checkpoint(trainer: MethodTrainer, ckpt: Path, scaler=None) -> int:
+    """Restore weights, optimizer/scheduler states (and fp16's GradScaler state into `scaler`); return
+    the step the checkpoint was taken at."""
     from safetensors.torch import load_file
 
+    if not (ckpt / "state.json").is_file():
+        raise ConfigError(f"{ckpt}: not a diffsr checkpoint folder (no state.json)")
     state = json.loads((ckpt / "state.json").read_text())
     step = int(state["step"])
     trainer.load_state_tensors(load_file(ckpt / "weights.safetensors"))
     opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     trainer.load_optimizer_states(opt, step)
+    if scaler is not None and (ckpt / "grad_scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "grad_scaler.pt", map_location="cpu", weights_only=True))
     return step
 
 
-def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[[str], None] = print,
-                 stop_after: int | None = None) -> Path:  # fmt: skip
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of this process (k counts from the start of training): its images decoded and
+    cropped, degraded with the draws of (seed, step, micro-batch, process), as a dict of
+    hr/lr_up in [-1, 1], lr in [0, 1] and captions. An index, not a position in a stream, so a resumed
+    run picks up at its step; with `num_workers` a DataLoader builds them in worker processes (on the
+    CPU), overlapped with training; without, in this process on `device`."""
+
+    def __init__(self, dataset, cfg: TrainConfig, rank: int, world: int, per_epoch: int, device=None):
+        self.dataset, self.cfg, self.rank, self.world, self.per_epoch = dataset, cfg, rank, world, per_epoch
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.cfg.max_steps * self.cfg.grad_accum
+
+    def __getitem__(self, k: int) -> dict:
+        from ..degradations import degrade, get_preset, sample_params, upsample_to_hr
+
+        cfg = self.cfg
+        step, micro = divmod(k, cfg.grad_accum)
+        epoch, pos = divmod(k, self.per_epoch)
+        self.dataset.set_epoch(epoch)
+        idx = epoch_batches(len(self.dataset), cfg.batch_size, epoch, cfg.seed, self.rank, self.world)[pos]
+        items = [self.dataset[i] for i in idx]
+        g = torch.Generator().manual_seed(derived_seed(cfg.seed, "degradation", step, micro, self.rank))
+        hr = torch.stack([it["hr"] for it in items])
+        if self.device is not None:
+            hr = hr.to(self.device)
+        preset = get_preset(cfg.degradation)
+        lr = degrade(hr, sample_params(preset, hr.shape[0], g), preset)
+        return {"hr": hr * 2 - 1, "lr": lr, "lr_up": upsample_to_hr(lr, hr.shape[-1] // lr.shape[-1]) * 2 - 1,
+                "caption": [it["caption"] for it in items]}  # fmt: skip
+
+    def loader(self, start: int, num_workers: int):
+        """Micro-batches start, start+1, … (workers prefetch ahead when num_workers > 0)."""
+        sub = torch.utils.data.Subset(self, range(start, len(self)))
+        return torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=num_workers,
+                                           persistent_workers=False, prefetch_factor=2 if num_workers else None)  # fmt: skip
+
+
+class EMA:
+    """Exponential moving average of the trained tensors: avg ← d·avg + (1 − d)·w after every update,
+    kept in float32 on the tensors' device."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.avg = {k: v.detach().float().clone() for k, v in tensors.items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, a in self.avg.items():
+            a.mul_(self.decay).add_(tensors[k].detach().float(), alpha=1 - self.decay)
+
+
+class TrainingStopped(Exception):
+    """SIGTERM (preemption) arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM; resume with --resume (checkpoint {checkpoint})")
+        self.checkpoint = checkpoint
+
+
+def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = False,
+                 log: Callable[[str], None] = print, stop_after: int | None = None) -> Path:  # fmt: skip
     """Train until cfg.max_steps (or `stop_after` updates in this call, for tests) and export.
 
+    resume: True continues from the run's last checkpoint, a path from that checkpoint folder. On
+    SIGTERM the current step finishes, a checkpoint is written and TrainingStopped is raised.
     Returns the export folder (output_dir/final) once max_steps is reached, else the last checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from ..degradations import degrade, get_preset, sample_params, upsample_to_hr
     from .data import HQImageDataset
 
     cfg = trainer.cfg
@@ -240,17 +312,23 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
         raise ConfigError(
             f"{len(dataset)} training images are fewer than one batch ({cfg.batch_size} x {world})"
         )
-    degradation = get_preset(cfg.degradation)
 
     # initial weights (LoRA A, discriminator heads) from the seed, identical on every process
     set_seed(derived_seed(cfg.seed, "init") % 2**32)
     trainer.setup(accelerator)
     step = 0
-    if resume:
-        ckpts = list_checkpoints(out)
-        if ckpts:
-            step = load_checkpoint(trainer, ckpts[-1])
-            log(f"resumed from {ckpts[-1]} at step {step}")
+    start = None
+    if resume is not False and resume is not None:
+        start = Path(resume) if not isinstance(resume, bool) else (list_checkpoints(out) or [None])[-1]
+        if start is not None:
+            step = load_checkpoint(trainer, start, accelerator.scaler)
+            log(f"resumed from {start} at step {step}")
+    ema = EMA(trainer.state_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and start is not None and (start / "ema.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        for k, v in load_file(start / "ema.safetensors").items():
+            ema.avg[k].copy_(v)
     if accelerator.is_main_process and cfg.log_with == "tensorboard":
         accelerator.init_trackers("diffsr")
     csv_log = _CSVLog(out / "logs.csv") if cfg.log_with == "csv" and accelerator.is_main_process else None
@@ -266,50 +344,53 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
     val = _validation_set(cfg) if cfg.val_data and accelerator.is_main_process else None
     done_here = 0
     t0 = time.perf_counter()
-    while step < cfg.max_steps and (stop_after is None or done_here < stop_after):
-        trainer.on_step(step)
-        logs: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            consumed = step * cfg.grad_accum + micro  # micro-batches this process has used so far
-            epoch, pos = divmod(consumed, per_epoch)
-            dataset.set_epoch(epoch)
-            idx = epoch_batches(len(dataset), cfg.batch_size, epoch, cfg.seed, rank, world)[pos]
-            items = [dataset[i] for i in idx]
+    term = _SigtermFlag()
+    micro_batches = MicroBatches(dataset, cfg, rank, world, per_epoch,
+                                 device=None if cfg.num_workers else accelerator.device)  # fmt: skip
+    batches = iter(micro_batches.loader(start=step * cfg.grad_accum, num_workers=cfg.num_workers))
+    try:
+        while step < cfg.max_steps and (stop_after is None or done_here < stop_after):
+            trainer.on_step(step)
+            logs: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
 
-            def gen(kind: str, _s=step, _m=micro) -> torch.Generator:
-                return torch.Generator().manual_seed(derived_seed(cfg.seed, kind, _s, _m, rank))
+                def gen(kind: str, _s=step, _m=micro) -> torch.Generator:
+                    return torch.Generator().manual_seed(derived_seed(cfg.seed, kind, _s, _m, rank))
 
-            hr = torch.stack([it["hr"] for it in items]).to(accelerator.device)
-            params = sample_params(degradation, hr.shape[0], gen("degradation"))
-            lr = degrade(hr, params, degradation)
-            batch = {
-                "hr": hr * 2 - 1,
-                "lr": lr,
-                "lr_up": upsample_to_hr(lr, hr.shape[-1] // lr.shape[-1]) * 2 - 1,
-                "caption": [it["caption"] for it in items],
-            }
-            logs = trainer.train_step(batch, step, gen)
-        step += 1
-        done_here += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            if world > 1 and logs:  # every rank's values, averaged (a collective: all ranks are here)
-                names = sorted(logs)
-                vals = accelerator.reduce(torch.tensor([float(logs[k]) for k in names], dtype=torch.float64,
-                                                       device=accelerator.device), reduction="mean")  # fmt: skip
-                logs = dict(zip(names, vals.tolist(), strict=True))
-            logs["lr"] = _current_lr(trainer)
-            logs["sec_per_step"] = (time.perf_counter() - t0) / done_here
-            log_values(logs, step)
-            log(f"step {step}/{cfg.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(trainer, out, step, cfg.keep_last)
-            accelerator.wait_for_everyone()
-        if val is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
-            metrics = _validate(trainer, val, out / "val" / f"step-{step:07d}", accelerator.device)
-            log_values(metrics, step)
-            log(f"validation at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                batch = next(batches)
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                logs = trainer.train_step(batch, step, gen)
+            step += 1
+            done_here += 1
+            if ema is not None:
+                ema.update(trainer.state_tensors())
+            stop = term.raised(accelerator)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if world > 1 and logs:  # every rank's values, averaged (a collective: all ranks are here)
+                    names = sorted(logs)
+                    vals = accelerator.reduce(torch.tensor([float(logs[k]) for k in names], dtype=torch.float64,
+                                                           device=accelerator.device), reduction="mean")  # fmt: skip
+                    logs = dict(zip(names, vals.tolist(), strict=True))
+                logs["lr"] = _current_lr(trainer)
+                logs["sec_per_step"] = (time.perf_counter() - t0) / done_here
+                log_values(logs, step)
+                log(f"step {step}/{cfg.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        trainer, out, step, cfg.keep_last, ema.avg if ema else None, accelerator.scaler
+                    )
+                accelerator.wait_for_everyone()
+            if stop:
+                log(f"SIGTERM: checkpoint of step {step} written; continue with --resume")
+                raise TrainingStopped(out / CHECKPOINTS / f"step-{step:07d}")
+            if val is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+                metrics = _validate(trainer, val, out / "val" / f"step-{step:07d}", accelerator.device)
+                log_values(metrics, step)
+                log(f"validation at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    finally:
+        term.restore()
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group, and a
         tracker.finish()  # caller (a notebook, a test, `--resume` in the same process) may train again
@@ -318,10 +399,47 @@ def run_training(trainer: MethodTrainer, *, resume: bool = False, log: Callable[
         return ckpts[-1] if ckpts else out
     final = out / "final"
     if accelerator.is_main_process:
-        trainer.export(final)
+        if ema is None:
+            trainer.export(final)
+        else:  # the export holds the average; the live weights come back afterwards
+            live = {k: v.detach().clone() for k, v in trainer.state_tensors().items()}
+            trainer.load_state_tensors({k: ema.avg.get(k, v).to(v.dtype) for k, v in live.items()})
+            try:
+                trainer.export(final)
+            finally:
+                trainer.load_state_tensors(live)
         log(f"exported {final} (load it with: diffsr upscale --method {cfg.method} --weights {final} ...)")
     accelerator.wait_for_everyone()
     return final
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption, `kill`) into a flag the loop reads after each step; every rank
+    learns of it (max over ranks), so all of them checkpoint and stop together."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.hit = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, _signum, _frame) -> None:
+        self.hit = True
+
+    def raised(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.hit
+        flag = torch.tensor([1.0 if self.hit else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _current_lr(trainer) -> float:
@@ -366,4 +484,9 @@ def _validate(trainer: MethodTrainer, items, folder: Path, device) -> dict[str, 
         psnrs.append(psnr(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
         ssims.append(ssim(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
         write_image(folder / f"{name}.png", ImageData(sr.astype(np.float32), None, 8), overwrite=True)
+        # LR (nearest, to the HR size) | SR | HR side by side, to see what the model did at a glance
+        lr_big = np.repeat(np.repeat(lr[0].permute(1, 2, 0).numpy(), gt.shape[0] // lr.shape[-2], 0),
+                           gt.shape[1] // lr.shape[-1], 1)  # fmt: skip
+        strip = np.concatenate([lr_big, sr, gt], axis=1).astype(np.float32)
+        write_image(folder / f"{name}_lr-sr-hr.png", ImageData(np.clip(strip, 0, 1), None, 8), overwrite=True)
     return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims))}

@@ -97,8 +97,8 @@ class PatchScalerTrainer:
         objective = _Objective(nets, cfg, self.config.alphas_cumprod())
         for n, p in objective.named_parameters():
             p.requires_grad_(not n.startswith("nets.classifier."))
-        if cfg.gradient_checkpointing:
-            self.vae.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing:  # the trained networks (the VAE is frozen: nothing to save there)
+            nets.grm.gradient_checkpointing = nets.dit.gradient_checkpointing = True
         objective.train()
         nets.classifier.eval()
         self.objective = accelerator.prepare(objective)

@@ -260,6 +260,7 @@ class PatchDiT(nn.Module):
             PatchDiTBlock(d, cfg.heads, cfg.mlp_ratio, cfg.prompt_dim) for _ in range(cfg.depth)
         )
         self.final = FinalLayer(d, p, cfg.in_channels)
+        self.gradient_checkpointing = False  # training: recompute each block in the backward pass
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -351,8 +352,15 @@ class PatchDiT(nn.Module):
         gh, gw = tokens.shape[-2:]
         x = tokens.flatten(2).transpose(1, 2) + self._pos_embed(gh, gw, tokens)
         c = self.t_embed(t).to(x.dtype)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c, prompt.kv[i] if prompt is not None else None)
+            kv = prompt.kv[i] if prompt is not None else None
+            if checkpointed:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(block, x, c, kv, use_reentrant=False)
+            else:
+                x = block(x, c, kv)
         x = self.final(x, c)  # (B, gh·gw, p·p·C)
         out_c = cfg.in_channels
         x = x.reshape(b, gh, gw, p, p, out_c).permute(0, 5, 1, 3, 2, 4)

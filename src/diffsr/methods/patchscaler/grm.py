@@ -140,6 +140,7 @@ class GlobalRestorationModule(nn.Module):
                 f"GlobalRestorationModule: attention={attention!r}; use one of {ATTENTION_MODES}"
             )
         self.in_channels, self.widths, self.blocks, self.heads = in_channels, widths, blocks, heads
+        self.gradient_checkpointing = False  # training: recompute each stage in the backward pass
         self.attention = attention
         self.levels = len(widths)
         self.multiple = 2 ** (self.levels - 1)
@@ -191,20 +192,32 @@ class GlobalRestorationModule(nn.Module):
         h, w = y_lr.shape[-2:]
         if h < 1 or w < 1:
             raise ConfigError(f"GlobalRestorationModule: y_lr is {h}×{w}; both sides must be ≥ 1")
+        run = _checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _plain
         x = self.stem(self._pad(y_lr))
         skips = []
         for enc, down in zip(self.encoders, self.downs, strict=True):
-            x = enc(x)
+            x = run(enc, x)
             skips.append(x)
             x = down(x)
-        x = self.bottleneck(x)
+        x = run(self.bottleneck, x)
         for i in reversed(range(self.levels - 1)):
             x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode="nearest"))
-            x = self.decoders[i](self.fuses[i](torch.cat([x, skips[i]], dim=1)))
+            x = run(self.decoders[i], self.fuses[i](torch.cat([x, skips[i]], dim=1)))
         x = self.out_norm(x)
         delta = self.delta_head(x)[..., :h, :w]
         conf = torch.sigmoid(self.conf_head(x)[..., :h, :w])
         return y_lr + delta, conf
+
+
+def _plain(module, *args):
+    return module(*args)
+
+
+def _checkpointed(module, *args):
+    """Recompute `module` in the backward pass instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module, *args, use_reentrant=False)
 
 
 def grm_loss(
