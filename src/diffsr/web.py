@@ -81,7 +81,12 @@ def build(pool: ModelPool, *, workdir: str | None = None):
                 return fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except (DiffSRError, OSError, ValueError, RuntimeError) as e:  # e.g. out of memory: its first line
+            except (
+                DiffSRError,
+                OSError,
+                ValueError,
+                RuntimeError,
+            ) as e:  # e.g. out of memory: its first line
                 raise gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
         wrapped.__name__ = fn.__name__
