@@ -196,3 +196,33 @@ def test_method_specific_flags_checked(tree, tmp_path, tiny_sd_dir, s3diff_dir, 
         main(["upscale", str(tree), "-o", "o", "--method", "s3diff", "--noise", "1.5"])
     assert run([tree, "-o", tmp_path / "o", "--tile-size", "8"], tiny_sd_dir, pisa_dir) == 2
     assert "--tile-overlap 32 must be smaller than --tile-size 8" in capsys.readouterr().err
+
+
+def test_outputs_inside_the_input_folder_are_never_inputs(tree, tiny_sd_dir, pisa_dir, capsys):
+    out = tree / "sr"
+    assert run([tree, "-o", out], tiny_sd_dir, pisa_dir) == 0
+    assert run([tree, "-o", out], tiny_sd_dir, pisa_dir) == 0  # again: its own outputs are not inputs
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["a.png", "sub/b.png", "sub/deeper/c.png", "sub/g.png"]
+    assert "all 4 outputs exist" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_and_nan_are_refused_before_loading(tree, tmp_path, capsys):
+    f = tmp_path / "file.png"
+    f.write_bytes(b"x")
+    assert main(["upscale", str(tree), "-o", str(f), "--weights", "/nonexistent"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    for flag in ("--lambda-pix", "--lambda-sem"):
+        with pytest.raises(SystemExit) as e:
+            main(["upscale", str(tree), "-o", str(tmp_path / "o"), flag, "nan"])
+        assert e.value.code == 2
+    assert "must be a finite number" in capsys.readouterr().err
+
+
+def test_api_refuses_non_finite_lambdas(pisa):
+    import torch
+
+    from diffsr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lambda_pix=nan must be a finite number"):
+        pisa.restore(torch.rand(1, 3, 8, 8), lambda_pix=float("nan"))

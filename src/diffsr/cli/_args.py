@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 
@@ -12,6 +13,8 @@ def _bounded(kind: type, lo: float | None = None, hi: float | None = None, *, st
 
     def parse(s: str):
         v = kind(s)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
         if (lo is not None and (v <= lo if strict_lo else v < lo)) or (hi is not None and v > hi):
             rng = f"{'(' if strict_lo else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
             raise argparse.ArgumentTypeError(f"must be in {rng}, got {s}")
@@ -31,7 +34,7 @@ def quiet_libraries() -> None:
     """diffusers/transformers/huggingface_hub print load-time progress bars and notes; the CLI has its own."""
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("diffusers", "transformers", "huggingface_hub", "peft"):
+    for name in ("diffusers", "transformers", "huggingface_hub", "peft", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import diffusers

@@ -157,8 +157,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        print(f"diffsr: error: -o {outdir}: is a file, not a folder", file=sys.stderr)
+        return 2
+    # -o inside an input folder: what is in -o (earlier outputs) is never taken as input, unless named
+    out_res = outdir.resolve()
+    named = {Path(i).resolve() for i in args.inputs if Path(i).is_file()}
+    nested = any(out_res != r and out_res.is_relative_to(r) for r in (Path(i).resolve() for i in args.inputs
+                                                                     if Path(i).is_dir()))  # fmt: skip
     jobs = []
     for src, rel in find_images(args.inputs):
+        if nested and src.resolve().is_relative_to(out_res) and src.resolve() not in named:
+            continue
         jobs.append((src, rel))
     if not jobs:
         print("diffsr: no images found in the given inputs", file=sys.stderr)

@@ -193,6 +193,20 @@ def exact_uint8(x: torch.Tensor) -> np.ndarray | None:
     return q.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def check_lambdas(lambda_pix: float, lambda_sem: float) -> tuple[float, float]:
+    """λ_pix, λ_sem as floats; each must be a finite number (0 allowed)."""
+    out = []
+    for name, v in (("lambda_pix", lambda_pix), ("lambda_sem", lambda_sem)):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={v!r} is not a number") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{name}={v!r} must be a finite number")
+        out.append(f)
+    return out[0], out[1]
+
+
 def preprocess(lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """The authors' input preparation. lr: (1, 3, h, w) in [0, 1], on the CPU.
 
@@ -336,7 +350,7 @@ class PiSASR(LatentSR):
         """lr (1, 3, h, w) in [0, 1] → (SR (1, 3, 4h, 4w) in [0, 1] fp32 on CPU, info dict).
 
         λ = (1, 1) runs the merged default mode (one UNet pass); other values the adjustable mode."""
-        lp, ls = float(lambda_pix), float(lambda_sem)
+        lp, ls = check_lambdas(lambda_pix, lambda_sem)
         if lp == 1.0 and ls == 1.0:
             opts = self.options(options)
             x_up, size = preprocess(lr.float().cpu())
@@ -383,7 +397,7 @@ class PisaAdjustable:
         """Paper Eq. 8 with the stored ε's, then z_H = z_L − ε, decode, post-process.
 
         Returns (1, 3, 4h, 4w) in [0, 1], fp32 on CPU."""
-        lp, ls = float(lambda_pix), float(lambda_sem)
+        lp, ls = check_lambdas(lambda_pix, lambda_sem)
         eps = lp * self.eps_pix + ls * (self.eps_pixsem - self.eps_pix)
         y = self.model.decode(self.z - eps, self.options)
         return postprocess(y, self.x_up, self.size, color_fix or self.options.color_fix).cpu()

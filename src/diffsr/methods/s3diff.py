@@ -612,6 +612,8 @@ class S3Diff(LatentSR):
         estimated and the used scores."""
         opts = self.options(options)
         g = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not math.isfinite(g):
+            raise ConfigError(f"guidance_scale={guidance_scale!r} must be a finite number")
         for k, v in (("blur", blur), ("noise", noise)):
             if v is not None and not 0 <= v <= 1:
                 raise ConfigError(f"{k}={v} must be in [0, 1]")
