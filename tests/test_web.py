@@ -134,6 +134,13 @@ def _browser_or_skip():
     return sync_playwright
 
 
+def _launch(p):
+    """Debian's headless Chromium, with nothing of its own reaching out (no updates, sync, …)."""
+    return p.chromium.launch(executable_path=BROWSER, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,9 +159,7 @@ def test_page_in_a_real_browser(pool, photo, tmp_path):
     requests: list[str] = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=BROWSER, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])  # fmt: skip
+            browser = _launch(p)
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.on("request", lambda r: requests.append(r.url))
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")  # a heartbeat keeps the network busy
@@ -249,8 +254,7 @@ def test_page_shows_a_one_line_error_and_no_image(photo):
     demo = serve(ModelPool({"pisa": missing}), port=port, block=False)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox", "--disable-gpu",
-                                                                       "--disable-background-networking"])  # fmt: skip
+            browser = _launch(p)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
             upload = page.locator("#pisa-input input[type=file]")

@@ -86,12 +86,16 @@ class PisaSession:
     """One uploaded image: ONE UNet run (the adjustable pair), then any (λ_pix, λ_sem) by latent update
     and VAE decode, with a least-recently-used cache of `cache_size` renders."""
 
-    def __init__(self, up: Upscaler, image: ImageData, *, cache_size: int = 16, **options: Any):
+    def __init__(
+        self, up: Upscaler, image: ImageData, *, cache_size: int = 16, progress=None, **options: Any
+    ):
+        """options: the method's run options (recorded in every result's settings); progress: a
+        callback for the UNet run (not a setting)."""
         if up.method != "pisa":
             raise ConfigError(f"PisaSession needs a PiSA-SR model, got {up.method!r}")
         self.image = image
         self.options = {k: v for k, v in options.items() if v is not None}
-        self.adjustable = up.adjustable(image, **self.options)
+        self.adjustable = up.adjustable(image, progress=progress, **self.options)
         self.default_color_fix = up.model.default_color_fix
         self.cache: OrderedDict[tuple, Result] = OrderedDict()
         self.cache_size = cache_size
@@ -121,21 +125,21 @@ class PisaSession:
 
 
 def run_s3diff(up: Upscaler, image: ImageData, *, blur=None, noise=None, guidance_scale=None,
-               **options) -> Result:  # fmt: skip
+               progress=None, **options) -> Result:  # fmt: skip
     """S3Diff on one image; info holds the estimated and the used (blur, noise)."""
     opts = {k: v for k, v in dict(blur=blur, noise=noise, guidance_scale=guidance_scale, **options).items()
             if v is not None}  # fmt: skip
-    out, info = up.process(image, **opts)
+    out, info = up.process(image, progress=progress, **opts)
     return Result(out, {"method": "s3diff", **opts}, info)
 
 
-def run_patchscaler(up: Upscaler, image: ImageData, **options) -> tuple[Result, ImageData]:
+def run_patchscaler(up: Upscaler, image: ImageData, *, progress=None, **options) -> tuple[Result, ImageData]:
     """PatchScaler on one image, and a picture of which group each window went to (simple green,
     medium yellow, hard red, over the bicubic-upscaled input) at the output's size."""
     from .api import _rgb_tensor
 
     opts = {k: v for k, v in options.items() if v is not None}
-    out, info = up.process(image, **opts)
+    out, info = up.process(image, progress=progress, **opts)
     model = up.model
     map_opts = {
         k: v for k, v in opts.items() if k not in ("seed", "unified", "devices", "chunk_size", "thresholds")

@@ -71,7 +71,6 @@ def build(pool: ModelPool, *, workdir: str | None = None):
     """The gradio Blocks for the methods of `pool`."""
     gr = _gradio()
     out_dir = Path(workdir or tempfile.mkdtemp(prefix="diffsr-web-"))
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
     def guard(fn: Callable) -> Callable:
         """One-line errors in the page (never a black image)."""
@@ -112,7 +111,6 @@ def build(pool: ModelPool, *, workdir: str | None = None):
                 with gr.Tab("PatchScaler", id="patchscaler"):
                     _patchscaler_tab(gr, pool, guard, finish)
     demo.queue(default_concurrency_limit=1)  # one job at a time on the device
-    demo.diffsr_theme = theme
     return demo
 
 
@@ -179,7 +177,6 @@ def _pisa_tab(gr, pool: ModelPool, guard, finish) -> None:
         up = pool.get("pisa")
         image = read_image(path)
         session = PisaSession(up, image, progress=_Progress(progress))
-        session.options.pop("progress", None)
         return session, *render(session, path, lam_p, lam_s, cf)
 
     @guard
@@ -239,7 +236,6 @@ def _s3diff_tab(gr, pool: ModelPool, guard, finish) -> None:
         if use_override:
             kw.update(blur=float(b), noise=float(n))
         result = run_s3diff(up, image, **kw, progress=_Progress(progress))
-        result.settings.pop("progress", None)
         est = result.info["estimated"]
         text = f"Estimated blur **{est['blur']:.3f}**, noise **{est['noise']:.3f}**"
         if use_override:
@@ -270,7 +266,6 @@ def _patchscaler_tab(gr, pool: ModelPool, guard, finish) -> None:
         up = pool.get("patchscaler")
         result, picture = run_patchscaler(up, image, unified=bool(uni) or None, seed=int(sd),
                                           progress=_Progress(progress))  # fmt: skip
-        result.settings.pop("progress", None)
         info = result.info
         groups = info.get("groups", {})
         text = (f"windows: {info.get('patches')} ({', '.join(f'{k} {v}' for k, v in groups.items())}) · "
@@ -283,7 +278,10 @@ def _patchscaler_tab(gr, pool: ModelPool, guard, finish) -> None:
 
 def serve(pool: ModelPool, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
     """Build and launch the page. Returns the gradio Blocks (running in the background if not block)."""
+    gr = _gradio()
     demo = build(pool)
+    # system fonts: gradio's default theme would fetch web fonts from elsewhere
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block, ssr_mode=False, pwa=False, mcp_server=False,
-                quiet=not block, theme=demo.diffsr_theme, footer_links=[])  # fmt: skip
+                quiet=not block, theme=theme, footer_links=[])  # fmt: skip
     return demo
