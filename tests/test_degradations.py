@@ -349,7 +349,11 @@ def test_presets_hold_the_published_values():
     assert pisa.kernel1.blur_sigma == (0.2, 3.0) and pisa.kernel2.blur_sigma == (0.2, 1.5)
     assert pisa.kernel1.betag_range == pisa.kernel2.betag_range == (0.5, 4.0)
     assert pisa.kernel1.betap_range == pisa.kernel2.betap_range == (1.0, 2.0)
-    assert (s3.kernel1.kernel_size, s3.kernel2.kernel_size) == (21, 11)
+    # S3Diff's yml says blur_kernel_size2: 11, but its dataset draws both sizes from a hard-coded 7..21
+    assert (s3.kernel1.kernel_size, s3.kernel2.kernel_size) == (21, 21)
+    assert pisa.round_output and not s3.round_output  # S3Diff's degradation_proc clamps, never rounds
+    assert pisa.lr_upsample_modes == ("area", "bilinear", "bicubic") and s3.lr_upsample_modes == ("bicubic",)
+    assert pisa.no_degradation_prob == 0.0 and s3.no_degradation_prob == 0.01
     assert s3.kernel1.blur_sigma == (0.2, 1.5) and s3.kernel2.blur_sigma == (0.2, 1.0)
     assert s3.kernel1.betag_range == s3.kernel2.betag_range == (0.5, 2.0)
     assert s3.kernel1.betap_range == s3.kernel2.betap_range == (1.0, 1.5)
@@ -385,7 +389,7 @@ _DEG_KEYS = [
 ]  # fmt: skip
 
 
-def _check_against_yml(cfg: DegradationConfig, deg: dict, kern: dict) -> None:
+def _check_against_yml(cfg: DegradationConfig, deg: dict, kern: dict, size2: int | None = None) -> None:
     for key in _DEG_KEYS:
         want = deg[key]
         got = getattr(cfg, key)
@@ -395,6 +399,8 @@ def _check_against_yml(cfg: DegradationConfig, deg: dict, kern: dict) -> None:
         (cfg.kernel2, "2", "blur_kernel_size2"),
     ):
         exp = _kernel_from_yml(kern, sfx, size_key)
+        if size2 is not None and sfx == "2":
+            exp["kernel_size"] = size2
         for name, value in exp.items():
             if name == "kernel_list":
                 assert stage.kernel_list == value
@@ -413,7 +419,8 @@ def test_presets_match_the_authors_yml_files_when_mirrors_exist():
     _check_against_yml(get_preset("pisa"), pisa, pisa["kernel_info"])
     assert get_preset("pisa").scale == pisa["scale"]
     s3 = yaml.safe_load(s3_txt)
-    _check_against_yml(get_preset("s3diff"), s3["degradation"], s3["train"])
+    _check_against_yml(get_preset("s3diff"), s3["degradation"], s3["train"], size2=21)
+    assert get_preset("s3diff").no_degradation_prob == s3["degradation"]["no_degradation_prob"]
     assert get_preset("s3diff").scale == s3["sf"]
 
 
@@ -695,7 +702,7 @@ def test_full_pipeline_shape_range_and_grid(name, hr_batch):
     assert lr.shape == (3, 3, 16, 16) and lr.dtype == torch.float32
     assert lr.min().item() >= 0.0 and lr.max().item() <= 1.0
     levels = lr * 255
-    assert torch.equal(levels, levels.round())
+    assert torch.equal(levels, levels.round()) == cfg.round_output  # S3Diff's LR stays unrounded
     assert len(params) == 3
     # non-square, several seeds, all code paths get exercised across draws
     hr = F.interpolate(hr_batch, size=(64, 48), mode="bilinear", align_corners=False)
@@ -835,3 +842,40 @@ def test_crop_to_multiple():
         crop_to_multiple(t, 0)
     with pytest.raises(ConfigError):
         crop_to_multiple(t, 64)
+
+
+def test_training_inputs_follow_the_authors_order_of_operations():
+    """lr_up = clamp/round(interp_mode(unrounded LR)) with the mode drawn after the degradation
+    parameters; PiSA rounds once at the HR size, S3Diff never; no-degradation swaps in the HR."""
+    import dataclasses
+
+    from diffsr.degradations import _resize, training_inputs
+
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name in ("pisa", "s3diff"):
+        cfg = get_preset(name)
+        lr, up = training_inputs(hr, cfg, torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        params = sample_params(cfg, 2, g)
+        raw = degrade(hr, params, dataclasses.replace(cfg, round_output=False))
+        modes = cfg.lr_upsample_modes
+        mode = modes[int(torch.randint(len(modes), (), generator=g).item())]
+        want = torch.nn.functional.interpolate(
+            raw, size=(32, 32), mode=mode, **({} if mode == "area" else {"align_corners": False})
+        ).clamp(0, 1)
+        if cfg.round_output:
+            want, raw = (torch.round(t * 255) / 255 for t in (want, raw))
+            assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit levels
+        if torch.rand((), generator=g, dtype=torch.float64).item() < cfg.no_degradation_prob:
+            want = hr
+        assert lr.shape == (2, 3, 8, 8) and up.shape == (2, 3, 32, 32)
+        torch.testing.assert_close(lr, raw, rtol=0, atol=0)
+        torch.testing.assert_close(up, want, rtol=0, atol=1e-6)
+        assert _resize(raw, "bicubic", size=(32, 32)).shape == up.shape
+    assert not torch.equal(*(training_inputs(hr, get_preset("s3diff"), torch.Generator().manual_seed(s))[1]
+                             for s in (5, 6)))  # fmt: skip
+    always = dataclasses.replace(get_preset("s3diff"), no_degradation_prob=1.0)
+    assert torch.equal(training_inputs(hr, always, torch.Generator().manual_seed(0))[1], hr)
+    seen = {training_inputs(hr[:1, :, :16, :16], get_preset("pisa"), torch.Generator().manual_seed(s))[1].sum().item()
+            for s in range(6)}  # fmt: skip
+    assert len(seen) > 1

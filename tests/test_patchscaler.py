@@ -209,10 +209,28 @@ def test_train_patchscaler_phases_and_export(texture_memory, tmp_path, tiny_sd_d
         data=[str(hq)], output_dir=str(tmp_path / "run"), base=str(tiny_sd_dir), rtm=str(texture_memory),
         batch_size=1, crop_size=128, max_steps=3, grm_steps=2, dit_preset="tiny", grm_widths=[16, 32, 64],
         grm_blocks=1, texture_depth=1, learning_rate=1e-3, log_with="csv", log_every=1, checkpoint_every=3,
-        lr_scheduler="linear",
+        lr_scheduler="linear", grm_eta_warmup=1, val_crop=128, val_count=2,
     ))  # fmt: skip
     trainer = build_trainer(cfg)
     final = run_training(trainer, log=lambda s: None)
+    # η: calibrated on the held-out split at step 0 and once more after the warm-up (step 1), never per batch
+    assert trainer.eta_calibrated_at == 1 and len(trainer.calibration_split) == 2
+    etas = [float(r.split(",")[2]) for r in (tmp_path / "run" / "logs.csv").read_text().splitlines()[1:]
+            if r.split(",")[1] == "eta"]  # fmt: skip
+    assert len(etas) == 2 and etas[0] != etas[1] and etas[1] == pytest.approx(trainer.eta)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000003" / "optimizer.pt", weights_only=True)
+    assert state["grm_eta"] == pytest.approx(trainer.eta)  # a resumed run keeps it
+    from diffsr.degradations import upsample_to_hr
+
+    errs = []
+    with torch.no_grad():  # the median of e² = Σ_c (GRM(y_LR) − x_HR)², computed here by hand
+        for _, hr, lr in trainer.calibration_split:
+            enc = lambda x: trainer.vae.encode(x).latent_dist.mean * trainer.vae.config.scaling_factor  # noqa: E731
+            y, _ = trainer.nets.grm(enc(upsample_to_hr(lr, 4) * 2 - 1))
+            errs.append(((y - enc(hr * 2 - 1)) ** 2).sum(1).flatten())
+    assert trainer.calibrate_eta() == pytest.approx(
+        float(torch.quantile(torch.cat(errs).double(), 0.5)), rel=1e-6
+    )
     assert trainer.phase == 2 and not any(p.requires_grad for p in trainer.nets.grm.parameters())
     log = (tmp_path / "run" / "logs.csv").read_text()
     assert "loss_grm" in log and "loss_diffusion" in log and "group_hard" in log

@@ -272,6 +272,8 @@ def test_call_counts_and_timesteps_per_group(chunk):
         assert ts == group_timesteps(g.tau, g.steps)
     assert sorted(i for idx in seen for i in idx) == list(range(6))
 
+    start, *events = events  # one event before the first call, so a progress bar shows from the start
+    assert (start["done_calls"], start["total_calls"], start["group"]) == (0, expect_calls, None)
     assert [e["done_calls"] for e in events] == list(range(1, expect_calls + 1))
     assert {e["total_calls"] for e in events} == {expect_calls}
     assert all(e["steps"] == steps[e["group"]] and 1 <= e["step"] <= e["steps"] for e in events)

@@ -52,7 +52,8 @@ def s3diff_cfg(hq_dir, tiny_sd_dir, de_net_path, out, **kw):
     base = dict(data=[str(hq_dir)], output_dir=str(out), base=str(tiny_sd_dir), de_net=str(de_net_path),
                 batch_size=2, crop_size=64, max_steps=2, learning_rate=1e-3, lpips_pretrained=False,
                 disc_backbone="vit_tiny_patch16_224", disc_pretrained=False, disc_layers=[0, 1, 2],
-                disc_img_size=64, checkpoint_every=1, log_with="csv", log_every=1, validate_every=100)  # fmt: skip
+                disc_img_size=64, disc_head_channels=16, grad_accum=1, checkpoint_every=1, log_with="csv",
+                log_every=1, validate_every=100)  # fmt: skip
     base.update(kw)
     return build_config("s3diff", base)
 
@@ -109,7 +110,9 @@ def test_config_layers_and_errors(tmp_path, hq_dir):
         0.05,
         2e-5,
     )
-    assert s3.disc_layers == [0, 4, 11] and s3.degradation == "s3diff"
+    # DINO's get_intermediate_layers(n=8) picked at [0, 4, -1]: blocks 4, 8, 11; 4 accumulation steps
+    assert s3.disc_layers == [4, 8, 11] and s3.degradation == "s3diff"
+    assert (s3.grad_accum, s3.disc_head_channels, s3.disc_diffaug) == (4, 128, True)
 
 
 # ---------------------------------------------------------------- PiSA-SR
@@ -270,13 +273,13 @@ def test_s3diff_generator_step_leaves_discriminator_grads(s3_trainer, monkeypatc
     t = s3_trainer
     d = t.acc.unwrap_model(t.disc)
     seen = []
-    real_g_update = t._g_update
+    real_g_step = t._g_step
 
-    def g_update(loss):
-        real_g_update(loss)
-        seen.append([p.grad is None for p in d.trainable_parameters()])
+    def g_step():
+        seen.append([p.grad is None for p in d.trainable_parameters()])  # after the generator's backward
+        real_g_step()
 
-    monkeypatch.setattr(t, "_g_update", g_update)
+    monkeypatch.setattr(t, "_g_step", g_step)
     heads_before = [p.detach().clone() for p in d.trainable_parameters()]
     t.train_step(fixed_batch(t), 0, gen_for(0))
     assert len(seen) == 2 and all(all(flags) for flags in seen)  # no .grad on D after either generator update

@@ -187,7 +187,12 @@ def test_csd_half_precision_unet(sd):
 # vision-aided discriminator
 
 TINY = dict(
-    backbone="vit_tiny_patch16_224", pretrained=False, layers=(0, 1, 2), head_channels=16, img_size=64
+    backbone="vit_tiny_patch16_224",
+    pretrained=False,
+    layers=(0, 1, 2),
+    head_channels=16,
+    img_size=64,
+    diffaug=False,
 )
 
 
@@ -204,7 +209,8 @@ def _images(b, seed, size=48):
 def test_disc_outputs_and_parameters(disc):
     maps = disc(_images(2, 0, size=80))
     assert len(maps) == 3
-    assert all(m.shape == (2, 1, 4, 4) for m in maps)  # 64 / patch 16
+    # 4×4 tokens (64 / patch 16) → blur(pad 2) 5 → conv3 s2 2 → blur(pad 1) 1 → conv1 s2 1; class token
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 1, 1), (2, 1, 1, 1), (2, 1)]
     head_params = set(map(id, disc.heads.parameters()))
     assert set(map(id, disc.trainable_parameters())) == head_params
     assert all(p.requires_grad for p in disc.trainable_parameters())
@@ -221,8 +227,9 @@ def test_disc_layer_order_and_negative_indices():
     assert b.layers == (2, 0)
     x = _images(1, 1)
     fa, fb = a.features(x), b.features(x)
-    torch.testing.assert_close(fa[0], fb[1])
-    torch.testing.assert_close(fa[1], fb[0])
+    for i, j in ((0, 1), (1, 0)):
+        torch.testing.assert_close(fa[i][0], fb[j][0])
+        torch.testing.assert_close(fa[i][1], fb[j][1])
     with pytest.raises(ConfigError):
         VisionAidedDiscriminator(**{**TINY, "layers": (0, 12)})
     with pytest.raises(ConfigError):
@@ -315,3 +322,114 @@ def test_d_loss_learns_real_up(disc):
     assert mean_logit(real) > real0
     assert mean_logit(real) - mean_logit(fake) > real0 - fake0
     assert all(p.grad is None for p in disc.backbone.parameters())
+
+
+def test_disc_matches_the_vision_aided_layout_at_224():
+    """Default layers 4, 8, 11 read after the final norm (DINO's get_intermediate_layers(n=8)[0, 4, -1]),
+    CLIP mean / ImageNet std, area resize; heads restated with plain conv ops give the same logits."""
+    torch.manual_seed(0)
+    d = VisionAidedDiscriminator(
+        backbone="vit_tiny_patch16_224", pretrained=False, head_channels=8, diffaug=False
+    ).eval()
+    assert d.layers == (4, 8, 11)
+    x = _images(2, 11, size=256)
+    maps = d(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 3, 3), (2, 1, 3, 3), (2, 1)]
+    # features, independently: area resize, normalise, run the blocks, final norm
+    vit = d.backbone
+    y = torch.nn.functional.interpolate(x * 0.5 + 0.5, size=(224, 224), mode="area")
+    y = (y - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)  # fmt: skip
+    t = vit._pos_embed(vit.patch_embed(y))
+    t = vit.norm_pre(t)
+    outs = {}
+    for k, blk in enumerate(vit.blocks):
+        t = blk(t)
+        outs[k] = vit.norm(t)
+    blur = torch.tensor([1.0, 3, 3, 1])
+    blur = (blur[:, None] * blur[None]) / 64
+
+    def conv_head(head, f):
+        c = f.shape[1]
+        h = torch.nn.functional.conv2d(
+            torch.nn.functional.pad(f, (2,) * 4), blur.expand(c, 1, 4, 4), groups=c
+        )
+        h = torch.nn.functional.conv2d(h, head[1].weight, head[1].bias, stride=2)
+        h = torch.nn.functional.leaky_relu(h, 0.2)
+        h = torch.nn.functional.conv2d(torch.nn.functional.pad(h, (1,) * 4), blur.expand(h.shape[1], 1, 4, 4),
+                                       groups=h.shape[1])  # fmt: skip
+        return torch.nn.functional.conv2d(h, head[4].weight, head[4].bias, stride=2)
+
+    for i, k in enumerate((4, 8)):
+        f = outs[k][:, 1:].transpose(1, 2).reshape(2, -1, 14, 14)
+        torch.testing.assert_close(maps[i], conv_head(d.heads[i], f), rtol=1e-4, atol=1e-5)
+    cls = outs[11][:, 0]
+    lin = d.heads[2]
+    want = torch.nn.functional.linear(torch.nn.functional.leaky_relu(
+        torch.nn.functional.linear(cls, lin[0].weight, lin[0].bias), 0.2), lin[2].weight, lin[2].bias)  # fmt: skip
+    torch.testing.assert_close(maps[2], want, rtol=1e-4, atol=1e-5)
+
+
+def test_gan_losses_sum_bce_over_levels():
+    logit = float(torch.log(torch.tensor(4.0)))
+    levels = [torch.full((1, 1, 3, 3), logit), torch.full((1, 1, 3, 3), logit), torch.full((1, 1), logit)]
+
+    class Const(nn.Module):
+        def forward(self, x):
+            return levels
+
+    h08 = -(0.8 * torch.log(torch.tensor(0.8)) + 0.2 * torch.log(torch.tensor(0.2)))
+    torch.testing.assert_close(g_loss(Const(), _images(1, 0)), 3 * h08)
+    fake = torch.nn.functional.softplus(torch.tensor(logit))  # BCE(logit, 0)
+    torch.testing.assert_close(d_loss_fake(Const(), _images(1, 0)), 3 * fake)
+
+
+def _diff_augment_reference(x, g):
+    """DiffAugment's color/translation/cutout restated with the official index arithmetic
+    (meshgrid gathers on a 1-padded image; cutout by clamped index scatter), same draws."""
+    b, _, h, w = x.shape
+    r = lambda: torch.rand(b, 1, 1, 1, generator=g)  # noqa: E731
+    x = x + (r() - 0.5)
+    m = x.mean(1, keepdim=True)
+    x = (x - m) * (r() * 2) + m
+    m = x.mean((1, 2, 3), keepdim=True)
+    x = (x - m) * (r() + 0.5) + m
+    sx, sy = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+    tx = torch.randint(-sx, sx + 1, (b, 1), generator=g)[:, :, None]
+    ty = torch.randint(-sy, sy + 1, (b, 1), generator=g)[:, :, None]
+    gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(h), torch.arange(w), indexing="ij")
+    gx = torch.clamp(gx + tx + 1, 0, h + 1)
+    gy = torch.clamp(gy + ty + 1, 0, w + 1)
+    x = torch.nn.functional.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[gb, gx, gy].permute(0, 3, 1, 2)
+    cs = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+    ox = torch.randint(0, h + (1 - cs[0] % 2), (b, 1), generator=g)[:, :, None]
+    oy = torch.randint(0, w + (1 - cs[1] % 2), (b, 1), generator=g)[:, :, None]
+    gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(cs[0]), torch.arange(cs[1]), indexing="ij")
+    gx = torch.clamp(gx + ox - cs[0] // 2, 0, h - 1)
+    gy = torch.clamp(gy + oy - cs[1] // 2, 0, w - 1)
+    mask = torch.ones(b, h, w)
+    mask[gb, gx, gy] = 0
+    return x * mask[:, None]
+
+
+def test_diff_augment_matches_the_official_policy():
+    from diffsr.train.losses import diff_augment
+
+    for h, w in ((16, 16), (15, 22)):
+        x = _images(3, 4, size=h)[..., :w] if w <= h else torch.rand(3, 3, h, w) * 2 - 1
+        got = diff_augment(x, torch.Generator().manual_seed(9))
+        want = _diff_augment_reference(x, torch.Generator().manual_seed(9))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    x = _images(2, 5).requires_grad_(True)
+    diff_augment(x, torch.Generator().manual_seed(1)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not torch.equal(diff_augment(x, torch.Generator().manual_seed(1)),
+                           diff_augment(x, torch.Generator().manual_seed(2)))  # fmt: skip
+    # the discriminator augments each call unless told not to
+    torch.manual_seed(0)
+    d = VisionAidedDiscriminator(**{**TINY, "diffaug": True}).eval()
+    y = _images(2, 6)
+    a, b = d(y, generator=torch.Generator().manual_seed(3)), d(y, generator=torch.Generator().manual_seed(3))
+    c = d(y, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))

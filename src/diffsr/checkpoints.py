@@ -63,7 +63,9 @@ def _umask() -> int:
 def atomic_write(path: Path, write) -> None:
     """Create `path` atomically: `write(tmp_path)` fills a temporary file in the same folder, which is
     fsynced and renamed over `path`; on any error the temporary file is removed and `path` untouched."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from .io import tmp_stem
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{tmp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

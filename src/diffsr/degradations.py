@@ -65,6 +65,7 @@ __all__ = [
     "sample_params",
     "degrade",
     "Degrader",
+    "training_inputs",
     "upsample_to_hr",
     "crop_to_multiple",
 ]
@@ -256,6 +257,11 @@ class DegradationConfig:
     ``gaussian_noise_prob`` (sigma on the 0..255 scale), Poisson otherwise.
     ``final_resize_first_prob`` is the probability of [resize + sinc] then JPEG2 (else JPEG2
     first).  ``round_output`` rounds the result to 8-bit levels (Real-ESRGAN / PiSA-SR do this).
+
+    Training inputs (:func:`training_inputs`) also use ``lr_upsample_modes`` — the interpolation
+    that brings the LR back to the HR size as the model's input, one drawn uniformly per batch
+    (PiSA-SR draws area/bilinear/bicubic; S3Diff uses bicubic) — and ``no_degradation_prob``, the
+    chance that a batch's model input is the HR itself (S3Diff: 0.01, drawn per batch as there).
     """
 
     scale: int = 4
@@ -286,6 +292,9 @@ class DegradationConfig:
     resize_mode_prob: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 3)
     final_resize_first_prob: float = 0.5
     round_output: bool = True
+    # training inputs
+    lr_upsample_modes: tuple[str, ...] = RESIZE_MODES
+    no_degradation_prob: float = 0.0
 
     def __post_init__(self) -> None:
         _set(self, "scale", _as_int("scale", self.scale, 1, 16))
@@ -352,6 +361,8 @@ class DegradationConfig:
         if not isinstance(self.round_output, (bool, np.bool_)):
             raise ConfigError(f"round_output must be true or false, got {self.round_output!r}")
         _set(self, "round_output", bool(self.round_output))
+        _set(self, "lr_upsample_modes", _as_names("lr_upsample_modes", self.lr_upsample_modes, RESIZE_MODES))
+        _set(self, "no_degradation_prob", _as_prob("no_degradation_prob", self.no_degradation_prob))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; nested kernel configs become dicts, tuples become lists."""
@@ -393,16 +404,26 @@ _PISA = DegradationConfig(
         kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 4), betap_range=(1, 2)
     ),
     final_sinc_prob=0.8,
+    # PiSA-SR's dataset brings the LR back to the HR size with a randomly chosen interpolation
+    # (area / bilinear / bicubic) before its final clamp-and-round (src/datasets/realesrgan.py)
+    lr_upsample_modes=RESIZE_MODES,
 )
 
+# S3Diff (configs/sr.yaml + src/my_utils/training_utils.py): milder kernels; like Real-ESRGAN's
+# dataset, BOTH kernel sizes are drawn from 7..21 (the config's blur_kernel_size2 = 11 is never
+# read: the code uses a hard-coded kernel_range); the LR is clamped but not rounded to 8 bits; the
+# model input is a bicubic upsampling; 1 % of batches get the HR itself as input.
 _S3DIFF = dataclasses.replace(
     _PISA,
     kernel1=KernelConfig(
         kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 2), betap_range=(1, 1.5)
     ),
     kernel2=KernelConfig(
-        kernel_size=11, sinc_prob=0.1, blur_sigma=(0.2, 1.0), betag_range=(0.5, 2), betap_range=(1, 1.5)
+        kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 1.0), betag_range=(0.5, 2), betap_range=(1, 1.5)
     ),
+    round_output=False,
+    lr_upsample_modes=("bicubic",),
+    no_degradation_prob=0.01,
 )
 
 #: Named configurations: "pisa" = PiSA-SR's src/datasets/params.yml, "s3diff" = S3Diff's
@@ -1180,6 +1201,29 @@ class Degrader:
 # --------------------------------------------------------------------------------------------- #
 # training-data helpers
 # --------------------------------------------------------------------------------------------- #
+
+
+def training_inputs(
+    hr: Tensor, cfg: DegradationConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """A training batch's inputs from HR crops, as the authors' training scripts make them.
+
+    ``hr`` (B, 3, H, W) in [0, 1] → ``(lr, lr_up)``: ``lr`` (B, 3, H/scale, W/scale), the degraded
+    image (what a degradation estimator sees), and ``lr_up`` (B, 3, H, W), the model's input: the
+    unrounded LR interpolated back to H×W with a mode drawn from ``cfg.lr_upsample_modes``, then
+    clamped (and rounded to 8 bits when ``cfg.round_output``, once, at the HR size, as PiSA-SR's
+    dataset does); with probability ``cfg.no_degradation_prob`` (per batch) ``lr_up`` is ``hr``.
+    Draws, in order from ``generator``: :func:`sample_params`, the mode, the no-degradation coin.
+    """
+    params = sample_params(cfg, hr.shape[0], generator)
+    raw = degrade(hr, params, dataclasses.replace(cfg, round_output=False))
+    mode = _choice(generator, cfg.lr_upsample_modes)
+    up = _resize(raw, mode, size=tuple(hr.shape[-2:])).clamp(0.0, 1.0)
+    if cfg.round_output:
+        raw, up = ((t * 255.0).round().clamp(0, 255) / 255.0 for t in (raw, up))
+    if _rand(generator) < cfg.no_degradation_prob:
+        up = hr.to(up.dtype)
+    return raw, up
 
 
 def upsample_to_hr(lr: Tensor, scale: int) -> Tensor:

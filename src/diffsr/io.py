@@ -545,7 +545,7 @@ def write_image(
     except OSError as e:
         raise ImageError(f"{path}: cannot create folder {parent} ({_one_line(e)})") from e
 
-    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = parent / f".{tmp_stem(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
@@ -733,6 +733,26 @@ def _normalize_ext(ext: str) -> str:
     return e
 
 
+def probe_alpha(path: str | os.PathLike) -> bool:
+    """Whether :func:`read_image` will give ``path`` an alpha plane, from its header only (no decode;
+    False when the header cannot be read: reading it later reports the error)."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+                return True
+            return mode in ("P", "L", "RGB") and "transparency" in im.info
+    except Exception:
+        return False
+
+
+def tmp_stem(name: str, limit: int = 200) -> str:
+    """`name` cut to at most `limit` UTF-8 bytes (on a character boundary), for temporary files next
+    to it: a legal output name of 255 bytes must not give an illegal temporary name."""
+    raw = name.encode("utf-8", "surrogateescape")
+    return name if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
 def output_path(
     outdir: str | os.PathLike,
     rel: PurePath,
@@ -740,25 +760,29 @@ def output_path(
     *,
     ext: str | None = None,
     has_alpha: bool = False,
+    suffix: str = "",
 ) -> Path:
     """Where the result for ``source`` (found as ``rel``) goes: ``outdir/rel`` + suffix.
 
     ``ext=None`` -> ".png"; ``ext="input"`` -> the source's lower-case suffix (".png" when the
     source has no supported image suffix); any other value ("jpg", ".webp") -> that extension,
     validated. Alpha output never goes to JPEG: ".jpg"/".jpeg" become ".png" when ``has_alpha``.
-    The suffix is appended (``rel`` "a.b" -> "a.b.png"), never substituted.
+    The extension is appended (``rel`` "a.b" -> "a.b.png"), never substituted; ``suffix`` (e.g.
+    "_out", Real-ESRGAN's ``--suffix``) goes between the name and the extension ("a.b_out.png").
     """
+    if any(c in suffix for c in "/\\\0"):
+        raise ImageError(f"suffix {suffix!r} must not contain path separators")
     rel = PurePath(rel)
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise ImageError(f"{rel}: output name must be a non-empty relative path without '..'")
     if ext is None:
-        suffix = ".png"
+        ext_ = ".png"
     elif ext.strip().lower() == "input":
-        suffix = Path(source).suffix.lower()
-        if suffix not in IMAGE_EXTENSIONS:
-            suffix = ".png"
+        ext_ = Path(source).suffix.lower()
+        if ext_ not in IMAGE_EXTENSIONS:
+            ext_ = ".png"
     else:
-        suffix = _normalize_ext(ext)
-    if has_alpha and suffix in (".jpg", ".jpeg"):
-        suffix = ".png"
-    return Path(outdir).joinpath(*rel.parts[:-1], rel.parts[-1] + suffix)
+        ext_ = _normalize_ext(ext)
+    if has_alpha and ext_ in (".jpg", ".jpeg"):
+        ext_ = ".png"
+    return Path(outdir).joinpath(*rel.parts[:-1], rel.parts[-1] + suffix + ext_)

@@ -127,6 +127,8 @@ def tiled_predict(
     boxes = [(y, x) for y in tile_starts(height, th, stride) for x in tile_starts(width, tw, stride)]
     weight = gaussian_weights(th, tw, device=z.device)
     out = wsum = None
+    if progress:  # the bar shows before the first (slow) batch
+        progress({"stage": "tiles", "done": 0, "total": len(boxes)})
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         pred = fn(torch.cat([z[:, :, y : y + th, x : x + tw] for y, x in chunk])).float()

@@ -120,6 +120,30 @@ def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def _load_part(folder: Path, sub: str, load):
+    """Run one part's loader; any failure (a missing or empty sub-folder, a truncated safetensors
+    file, a pickle that will not load, a tensor of the wrong shape) becomes one WeightsNotFoundError
+    line naming the sub-folder and the fix, instead of the library's traceback."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[0] if lines else type(e).__name__
+        if len(reason) > 300:
+            reason = reason[:300] + "…"
+        raise WeightsNotFoundError(
+            f"{folder / sub}: cannot load the base model's {sub} ({type(e).__name__}: {reason}); "
+            "re-download it, or pass --base a complete diffusers folder"
+        ) from None
+    except Exception as e:  # safetensors' own error types (e.g. a header too large) are not OSErrors
+        if type(e).__module__.split(".")[0] in ("safetensors", "pickle", "_pickle", "json"):
+            raise WeightsNotFoundError(
+                f"{folder / sub}: cannot load the base model's {sub} ({type(e).__name__}: {e}); "
+                "re-download it, or pass --base a complete diffusers folder"
+            ) from None
+        raise
+
+
 def load_sd_parts(
     folder: str | os.PathLike,
     *,
@@ -132,16 +156,22 @@ def load_sd_parts(
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = Path(folder)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype or dtype)
+    unet = _load_part(folder, "unet", lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet",
+                                                                                 torch_dtype=dtype))  # fmt: skip
+    vae = _load_part(folder, "vae", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae",
+                                                                        torch_dtype=vae_dtype or dtype))  # fmt: skip
     te = tok = None
     if text_encoder:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
-        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        te = _load_part(folder, "text_encoder", lambda: CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype))  # fmt: skip
+        tok = _load_part(
+            folder, "tokenizer", lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        )
         te.to(device).eval().requires_grad_(False)
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched = _load_part(folder, "scheduler",
+                       lambda: json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))  # fmt: skip
     unet.to(device).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)
     return SDParts(unet, vae, te, tok, alphas_cumprod_from_config(sched))

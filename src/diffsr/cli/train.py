@@ -19,12 +19,15 @@ _COMMON = {
     "--keep-last": ("keep_last", int),
     "--validate-every": ("validate_every", int),
     "--val-data": ("val_data", str),
+    "--val-pairs": ("val_pairs", str),
+    "--pair-scale": ("pair_scale", int),
+    "--lpips-weights": ("lpips_weights", str),
     "--log-with": ("log_with", str),
     "--degradation": ("degradation", str),
     "--crop-size": ("crop_size", int),
 }
 _PISA = {"--pix-steps": ("pix_steps", int), "--sem-steps": ("sem_steps", int)}
-_S3DIFF = {"--de-net": ("de_net", str)}
+_S3DIFF = {"--de-net": ("de_net", str), "--disc-weights": ("disc_weights", str)}
 _PATCHSCALER = {"--rtm": ("rtm", str), "--grm-steps": ("grm_steps", int), "--dit-preset": ("dit_preset", str)}
 
 
@@ -32,7 +35,8 @@ def register(sub) -> None:
     t = sub.add_parser(
         "train",
         help="train PiSA-SR or S3Diff (resumable; multi-GPU with accelerate launch)",
-        description="Train a method on HQ images with on-the-fly Real-ESRGAN degradations. Settings come from "
+        description="Train a method on HQ images with on-the-fly Real-ESRGAN degradations (--data) or on real "
+        "LR/HR pairs (--pairs). Settings come from "
         "the method's defaults (the authors'), then --config FILE (JSON or TOML), then the flags below, then "
         "--set KEY=VALUE. The run folder gets config.json, checkpoints/step-N (every --checkpoint-every, last "
         "--keep-last kept), logs, validation images, and final/ (load it with diffsr upscale --weights). "
@@ -47,6 +51,9 @@ def register(sub) -> None:
             metavar="DIR_OR_LIST",
             help="HQ images: folder or list file (repeatable)",
         )
+        m.add_argument("--pairs", action="append", metavar="DIR_OR_LIST",
+                       help="real LR/HR pairs instead of --data: a folder with lr/ and hr/ (as diffsr degrade "
+                       "writes) or a list file of 'LR HR' lines (repeatable)")  # fmt: skip
         m.add_argument("-o", "--output", metavar="RUN_DIR", help="run folder")
         m.add_argument("--config", metavar="FILE", help="settings file (JSON or TOML)")
         m.add_argument(
@@ -92,6 +99,8 @@ def resolve(args: argparse.Namespace):
     flags = {}
     if args.data:
         flags["data"] = args.data
+    if args.pairs:
+        flags["pairs"] = args.pairs
     if args.output:
         flags["output_dir"] = args.output
     if args.gradient_checkpointing:

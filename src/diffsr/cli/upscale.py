@@ -79,6 +79,8 @@ def register(sub) -> None:
         help="output extension (png, jpg, webp, tif, bmp) or 'input' to keep the "
         "input's format (default png; images with alpha are always written as png unless the format keeps alpha)",
     )
+    o.add_argument("--suffix", default="", help="added to each output name before the extension, e.g. _sr "
+                   "(needed to write next to the inputs: -o on the input folder)")  # fmt: skip
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     o.add_argument(
         "--color-fix", choices=("adain", "wavelet", "none"), help="colour correction (default: the method's)"
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import DiffSRError
-    from ..io import find_images, output_path, read_image, write_image
+    from ..io import find_images, output_path, probe_alpha, read_image, write_image
 
     method_opts = {}
     for dest, (method, key) in METHOD_OPTIONS.items():
@@ -174,10 +176,29 @@ def run(args: argparse.Namespace) -> int:
         print("diffsr: no images found in the given inputs", file=sys.stderr)
         return 1
     ext = None if args.ext == "png" else args.ext
+    bad = _check_devices(method_opts.get("devices"), args.device)
+    if bad:
+        print(f"diffsr: error: {bad}", file=sys.stderr)
+        return 2
     todo, skipped, claimed = [], 0, {}
     failed: list[tuple[Path, str]] = []
+    planned = []
     for src, rel in jobs:
-        dst = output_path(outdir, rel, src, ext=ext, has_alpha=False)
+        try:  # the name the result will really get (alpha never goes to JPEG), read from the header
+            planned.append((src, rel, output_path(outdir, rel, src, ext=ext, has_alpha=probe_alpha(src),
+                                                  suffix=args.suffix)))  # fmt: skip
+        except DiffSRError as e:
+            print(f"diffsr: error: {e}", file=sys.stderr)
+            return 2
+    # -o on an input folder with --suffix: an earlier run's outputs (a_sr.png for a.png) are not inputs
+    outputs = {dst.resolve() for _, _, dst in planned}
+    planned = [(s, r, d) for s, r, d in planned
+               if not (s.resolve() in outputs and s.resolve() not in named and d.resolve() != s.resolve())]  # fmt: skip
+    inputs = {src.resolve() for src, _, _ in planned}
+    for src, rel, dst in planned:
+        if dst.resolve() in inputs:
+            failed.append((src, f"{src}: the output would replace an input (use --suffix or another -o)"))
+            continue
         if dst in claimed:  # a.png and a.jpg in one folder would write the same file
             failed.append((src, f"{src}: output {dst} is already taken by {claimed[dst]} (use --ext input)"))
             continue
@@ -232,38 +253,46 @@ def run(args: argparse.Namespace) -> int:
         if args.quiet or ev.get("total", 1) <= 1:
             return
         if tile_bar is None:
-            tile_bar = tqdm(total=ev["total"], unit="tile", leave=False, position=1, dynamic_ncols=True)
+            tile_bar = tqdm(total=ev["total"], unit=ev.get("unit", "tile"), leave=False, position=1,
+                            dynamic_ncols=True)  # fmt: skip
         tile_bar.n = ev["done"]
         tile_bar.refresh()
 
-    for src, rel in bar:
-        bar.set_postfix_str(str(rel), refresh=False)
-        try:
-            img = read_image(src, max_pixels=args.max_pixels)
-            t = time.perf_counter()
-            out, info = up.process(img, outscale=args.outscale, progress=progress, **options)
-            dst = output_path(outdir, rel, src, ext=ext, has_alpha=out.alpha is not None)
-            write_image(dst, out, overwrite=args.overwrite)
-            written += 1
-            if args.verbose:
-                details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items())
-                tqdm.write(
-                    f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
-                    f"{time.perf_counter() - t:.1f} s; {details})",
-                    file=sys.stderr,
+    previous = _sigterm_as_interrupt()  # a killed batch stops like Ctrl-C: no temporary file left behind
+    try:
+        for src, rel in bar:
+            bar.set_postfix_str(str(rel), refresh=False)
+            try:
+                img = read_image(src, max_pixels=args.max_pixels)
+                t = time.perf_counter()
+                out, info = up.process(img, outscale=args.outscale, progress=progress, **options)
+                dst = output_path(
+                    outdir, rel, src, ext=ext, has_alpha=out.alpha is not None, suffix=args.suffix
                 )
-        except KeyboardInterrupt:
-            raise
-        except DiffSRError as e:
-            failed.append((src, str(e)))
-            tqdm.write(f"error: {e}", file=sys.stderr)
-        except Exception as e:  # a broken image must not end the batch
-            failed.append((src, f"{type(e).__name__}: {e}"))
-            tqdm.write(f"error: {src}: {type(e).__name__}: {e}", file=sys.stderr)
-        finally:
-            if tile_bar is not None:
-                tile_bar.close()
-                tile_bar = None
+                write_image(dst, out, overwrite=args.overwrite)
+                written += 1
+                if args.verbose:
+                    details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+                    tqdm.write(f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
+                               f"{time.perf_counter() - t:.1f} s; {details})", file=sys.stderr)  # fmt: skip
+            except KeyboardInterrupt:
+                raise
+            except DiffSRError as e:
+                failed.append((src, str(e)))
+                tqdm.write(f"error: {e}", file=sys.stderr)
+            except Exception as e:  # a broken image must not end the batch
+                failed.append((src, f"{type(e).__name__}: {e}"))
+                tqdm.write(f"error: {src}: {type(e).__name__}: {e}", file=sys.stderr)
+            finally:
+                if tile_bar is not None:
+                    tile_bar.close()
+                    tile_bar = None
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"diffsr: interrupted; {written} written, {len(failed)} failed", file=sys.stderr)
+        return 130
+    finally:
+        _restore_sigterm(previous)
     bar.close()
     summary = f"{written} written, {skipped} skipped (exist), {len(failed)} failed"
     print(summary, file=sys.stderr)
@@ -272,3 +301,47 @@ def run(args: argparse.Namespace) -> int:
             print(f"  failed: {msg if str(src) in msg else f'{src}: {msg}'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (as SIGINT does), so a killed batch unwinds the same way: the
+    image being written is abandoned with its temporary file removed. Returns the previous handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_devices(devices: dict | None, default: str | None) -> str | None:
+    """A one-line complaint about a device named by --group-devices (or --device) that this machine
+    lacks, before any model is loaded; None when all exist."""
+    import torch
+
+    names = [d for d in [default, *(devices or {}).values()] if d]
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            return f"device {name!r} is not a device name (cpu, cuda, cuda:N, mps)"
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                return f"device {name!r}: no CUDA device on this machine"
+            if dev.index is not None and dev.index >= n:
+                return f"device {name!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+        elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            return f"device {name!r}: MPS is not available"
+    return None

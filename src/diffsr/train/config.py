@@ -18,7 +18,11 @@ from ..errors import ConfigError
 class TrainConfig:
     """Settings common to every method's training."""
 
-    data: list[str] = field(default_factory=list)  # HQ image folders and/or list files
+    data: list[str] = field(default_factory=list)  # HQ image folders and/or list files (degraded on the fly)
+    pairs: list[str] = field(
+        default_factory=list
+    )  # real LR/HR pairs: folders with lr/ + hr/, or 2-column lists
+    pair_scale: int = 4  # HR side / LR side of the pairs
     output_dir: str = ""
     base: str | None = None  # SD base (Hub id or folder); None: the method's default
     init_weights: str | None = None  # start from these method weights (fine-tuning)
@@ -44,6 +48,7 @@ class TrainConfig:
     keep_last: int = 3
     validate_every: int = 500
     val_data: str | None = None  # folder of HR images; LR made with the same degradation, fixed seeds
+    val_pairs: str | None = None  # or real LR/HR pairs (a folder with lr/ + hr/, or a 2-column list)
     val_count: int = 8
     val_crop: int = 512
     log_with: str = "tensorboard"  # "tensorboard" or "csv"
@@ -51,6 +56,9 @@ class TrainConfig:
     num_workers: int = 0
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights; export it
     lpips_pretrained: bool = True  # False: random LPIPS backbone (tests; no download)
+    lpips_weights: str | None = (
+        None  # local torchvision backbone file (vgg16-397923af.pth) instead of a download
+    )
     sample_posterior: bool = True  # the authors sample the VAE posterior in training
 
     method: typing.ClassVar[str] = ""
@@ -58,12 +66,22 @@ class TrainConfig:
     def validate(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 disables the average)")
-        if not self.data:
-            raise ConfigError("training needs data: one or more HQ image folders or list files (--data)")
+        if not self.data and not self.pairs:
+            raise ConfigError("training needs data: HQ image folders or list files (--data), or real LR/HR "
+                              "pairs (--pairs)")  # fmt: skip
+        if self.data and self.pairs:
+            raise ConfigError("use either --data (HQ images, degraded on the fly) or --pairs (real LR/HR pairs), "
+                              "not both")  # fmt: skip
+        if self.val_data and self.val_pairs:
+            raise ConfigError("use either --val-data or --val-pairs, not both")
+        if self.pairs and (self.pair_scale < 1 or self.crop_size % self.pair_scale):
+            raise ConfigError(
+                f"crop_size={self.crop_size} must be a multiple of pair_scale={self.pair_scale}"
+            )
         if not self.output_dir:
             raise ConfigError("training needs an output directory (-o/--output)")
         for name in ("max_steps", "batch_size", "grad_accum", "crop_size", "checkpoint_every", "keep_last",
-                     "validate_every", "log_every"):  # fmt: skip
+                     "validate_every", "log_every", "pair_scale"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.crop_size % 8:
@@ -126,6 +144,7 @@ class S3DiffTrainConfig(TrainConfig):
     de_net: str | None = None  # the frozen degradation estimator (de_net.pth); env DIFFSR_DE_NET
     max_steps: int = 50000
     learning_rate: float = 2e-5
+    grad_accum: int = 4  # authors: batch 4 per GPU x 4 accumulation steps (x 4 GPUs = 64)
     rank_unet: int = 32
     rank_vae: int = 16
     lambda_l2: float = 2.0
@@ -135,7 +154,12 @@ class S3DiffTrainConfig(TrainConfig):
     neg_prob: float = 0.05  # online negatives: negative prompt, target = the LR input
     disc_backbone: str = "vit_base_patch16_224.dino"
     disc_pretrained: bool = True
-    disc_layers: list[int] = field(default_factory=lambda: [0, 4, 11])
+    disc_weights: str | None = None  # local timm weights of disc_backbone instead of the Hub download
+    disc_layers: list[int] = field(
+        default_factory=lambda: [4, 8, 11]
+    )  # get_intermediate_layers(n=8)[0, 4, -1]
+    disc_head_channels: int = 128
+    disc_diffaug: bool = True  # DiffAugment color,translation,cutout (vision-aided GAN's default)
     disc_img_size: int = 224
     degradation: str = "s3diff"
 
@@ -159,7 +183,12 @@ class PatchScalerTrainConfig(TrainConfig):
     learning_rate: float = 5e-5  # paper, Adam, fixed
     weight_decay: float = 0.0  # Adam, not AdamW
     grm_lambda: float = 1.0  # our choice (D3)
-    grm_eta: float = 0.0  # 0: calibrated per batch so the median pixel gets C = 1 (D3); > 0: fixed η
+    grm_eta: float = (
+        0.0  # 0: calibrated on the validation split so the median pixel gets C = 1 (D3); > 0: fixed
+    )
+    grm_eta_warmup: int = (
+        1000  # η is calibrated at step 0 and once more after this many steps (D3: after warm-up)
+    )
     dit_preset: str = "B/2"  # our choice (D8)
     grm_widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # our choice (D2)
     grm_blocks: int = 2

@@ -18,7 +18,7 @@ import torch
 from diffsr.errors import ConfigError, ImageError
 from diffsr.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images, read_image
 
-__all__ = ["HQImageDataset", "read_caption", "resolve_sources"]
+__all__ = ["HQImageDataset", "PairedImageDataset", "read_caption", "resolve_pairs", "resolve_sources"]
 
 
 def resolve_sources(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -220,3 +220,157 @@ class HQImageDataset(torch.utils.data.Dataset):
         hr = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
         path = self.paths[j]
         return {"hr": hr, "caption": read_caption(path) if self.captions else "", "path": str(path)}
+
+
+# ------------------------------------------------------------------------------------------------
+# real LR/HR pairs
+
+
+def resolve_pairs(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """Expand pair sources into (LR path, HR path) tuples, in order.
+
+    A folder holding ``lr/`` and ``hr/`` sub-folders (what ``diffsr degrade`` writes) pairs the images
+    with the same relative path (extension ignored, so ``lr/a.jpg`` pairs with ``hr/a.png``); an HR
+    image with no LR partner (or the reverse) is an error. Any other file is a UTF-8 list with two
+    whitespace-separated columns per line, ``LR HR`` (relative paths against the list's folder; blank
+    lines and ``#`` comments ignored). Missing files raise ConfigError naming them.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    pairs: list[tuple[Path, Path]] = []
+    for src in sources:
+        root = Path(src).expanduser()
+        shown = os.fspath(src)
+        if root.is_dir():
+            lr_dir, hr_dir = root / "lr", root / "hr"
+            if not (lr_dir.is_dir() and hr_dir.is_dir()):
+                raise ConfigError(f"pair source {shown}: a pair folder needs lr/ and hr/ sub-folders "
+                                  "(as `diffsr degrade` writes), or pass a two-column list file")  # fmt: skip
+            lrs = {rel.with_suffix("").as_posix(): p for p, rel in find_images([lr_dir])}
+            hrs = {rel.with_suffix("").as_posix(): p for p, rel in find_images([hr_dir])}
+            lonely = sorted(set(lrs) ^ set(hrs))
+            if lonely:
+                side = "hr" if lonely[0] in lrs else "lr"
+                raise ConfigError(f"pair source {shown}: {lonely[0]} has no partner in {side}/ "
+                                  f"({len(lonely)} unpaired image(s))")  # fmt: skip
+            pairs.extend((lrs[k], hrs[k]) for k in sorted(lrs))
+        elif root.is_file():
+            pairs.extend(_read_pair_list(root, shown))
+        else:
+            raise ConfigError(f"pair source {shown}: no such file or directory")
+    return pairs
+
+
+def _read_pair_list(list_file: Path, shown: str) -> list[tuple[Path, Path]]:
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"pair list {shown}: cannot be read as UTF-8 text ({e})") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        cols = entry.split()
+        if len(cols) != 2:
+            raise ConfigError(
+                f"{shown}:{lineno}: a pair line is 'LR_PATH HR_PATH', got {len(cols)} column(s)"
+            )
+        paths = []
+        for c in cols:
+            p = Path(c).expanduser()
+            p = p if p.is_absolute() else list_file.parent / p
+            if not p.is_file():
+                raise ConfigError(f"{shown}:{lineno}: listed image {c} does not exist (looked for {p})")
+            paths.append(p)
+        out.append((paths[0], paths[1]))
+    return out
+
+
+def _chw(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 1|3) float array → (3, H, W) float32 tensor (gray replicated)."""
+    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+
+
+def _pad_pair(lr: np.ndarray, hr: np.ndarray, size: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad an LR (h, w, C) to at least `size` per side and its HR (h·s, w·s, C) by s times as much,
+    centred, mirroring with the edge pixel repeated ('symmetric'), which keeps the two aligned
+    (LR pixel -k mirrors pixel k-1, covering exactly the HR rows that mirror its HR rows)."""
+    h, w = lr.shape[:2]
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph == 0 and pw == 0:
+        return lr, hr
+    pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
+    return np.pad(lr, pads, mode="symmetric"), np.pad(hr, [(a * s, b * s) for a, b in pads], mode="symmetric")
+
+
+class PairedImageDataset(HQImageDataset):
+    """Aligned random crops of real LR/HR pairs: an HR crop of ``crop_size`` and the LR crop of
+    ``crop_size // scale`` at the same place, flipped together.
+
+    Items are ``{"hr": (3, crop, crop), "lr": (3, crop/s, crop/s)}`` float32 in [0, 1] plus
+    ``caption`` (the HR's sidecar) and ``path`` (the HR). A pair whose HR is not ``scale`` times its
+    LR (HR larger by less than ``scale`` pixels is cropped) is skipped with a one-time warning, as
+    unreadable images are; pairs smaller than the crop are reflect-padded. Crops and flips of item i
+    in epoch e depend only on (seed, e, i).
+    """
+
+    def __init__(self, sources, *, crop_size: int = 512, scale: int = 4, hflip: bool = True, seed: int = 0,
+                 captions: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:  # fmt: skip
+        if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+            raise ConfigError(f"scale must be a positive integer, got {scale!r}")
+        if isinstance(crop_size, (int, np.integer)) and crop_size % scale:
+            raise ConfigError(f"crop_size={crop_size} must be a multiple of the pair scale {scale}")
+        self.pairs = resolve_pairs(sources)
+        if not self.pairs:
+            raise ConfigError(f"no LR/HR pairs found in {sources}")
+        self.scale = int(scale)
+        # the HQ dataset's checks and bookkeeping, over the HR paths
+        tmp = [hr for _, hr in self.pairs]
+        super().__init__(tmp[:1], crop_size=crop_size, hflip=hflip, seed=seed, captions=captions,
+                         max_pixels=max_pixels)  # fmt: skip
+        self.paths = tmp
+
+    def _load(self, j: int):
+        if j in self._skipped:
+            return None
+        lr_path, hr_path = self.pairs[j]
+        try:
+            lr = read_image(lr_path, max_pixels=self.max_pixels).pixels
+            hr = read_image(hr_path, max_pixels=self.max_pixels).pixels
+        except (ImageError, OSError, ValueError) as e:
+            self._skip(j, f"unreadable pair ({e})")
+            return None
+        s = self.scale
+        (lh, lw), (hh, hw) = lr.shape[:2], hr.shape[:2]
+        if not (lh * s <= hh < (lh + 1) * s and lw * s <= hw < (lw + 1) * s):
+            self._skip(j, f"HR {hw}x{hh} is not {s}x its LR {lr_path} ({lw}x{lh})")
+            return None
+        return lr, hr[: lh * s, : lw * s]
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.paths)
+        i = int(i) % n
+        for k in range(n):
+            j = (i + k) % n
+            loaded = self._load(j)
+            if loaded is not None:
+                break
+        else:
+            raise ConfigError(f"none of the {n} training pairs is usable (see the warnings above)")
+        lr, hr = loaded
+        s, c = self.scale, self.crop_size
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        lr, hr = _pad_pair(lr, hr, c // s, s)
+        h, w = lr.shape[:2]
+        top = int(rng.integers(0, h - c // s + 1))
+        left = int(rng.integers(0, w - c // s + 1))
+        flip = bool(rng.random() < 0.5)
+        lr = lr[top : top + c // s, left : left + c // s]
+        hr = hr[top * s : top * s + c, left * s : left * s + c]
+        if self.hflip and flip:
+            lr, hr = lr[:, ::-1], hr[:, ::-1]
+        path = self.paths[j]
+        return {"hr": _chw(hr), "lr": _chw(lr), "caption": read_caption(path) if self.captions else "",
+                "path": str(path)}  # fmt: skip

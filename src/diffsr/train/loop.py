@@ -218,7 +218,7 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.cfg.max_steps * self.cfg.grad_accum
 
     def __getitem__(self, k: int) -> dict:
-        from ..degradations import degrade, get_preset, sample_params, upsample_to_hr
+        from ..degradations import get_preset, training_inputs, upsample_to_hr
 
         cfg = self.cfg
         step, micro = divmod(k, cfg.grad_accum)
@@ -230,10 +230,17 @@ class MicroBatches(torch.utils.data.Dataset):
         hr = torch.stack([it["hr"] for it in items])
         if self.device is not None:
             hr = hr.to(self.device)
-        preset = get_preset(cfg.degradation)
-        lr = degrade(hr, sample_params(preset, hr.shape[0], g), preset)
-        return {"hr": hr * 2 - 1, "lr": lr, "lr_up": upsample_to_hr(lr, hr.shape[-1] // lr.shape[-1]) * 2 - 1,
-                "caption": [it["caption"] for it in items]}  # fmt: skip
+        if "lr" in items[0]:  # real pairs: the model input is the bicubic upsampling, as at inference
+            lr = torch.stack([it["lr"] for it in items]).to(hr.device)
+            lr_up = upsample_to_hr(lr, hr.shape[-1] // lr.shape[-1])
+        else:  # synthetic: the preset's degradations and LR upsampling, as the authors' scripts
+            lr, lr_up = training_inputs(hr, get_preset(cfg.degradation), g)
+        return {
+            "hr": hr * 2 - 1,
+            "lr": lr,
+            "lr_up": lr_up * 2 - 1,
+            "caption": [it["caption"] for it in items],
+        }
 
     def loader(self, start: int, num_workers: int):
         """Micro-batches start, start+1, … (workers prefetch ahead when num_workers > 0)."""
@@ -274,12 +281,14 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from .data import HQImageDataset
+    from . import preflight
+    from .data import HQImageDataset, PairedImageDataset
 
     cfg = trainer.cfg
     out = Path(cfg.output_dir)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU (on the CPU use bf16 or no)")
+    preflight.check(cfg)  # every weight file found (or a one-line error) before anything heavy
     # find_unused_parameters: PiSA-SR's stage 1 leaves the semantic LoRA unused by the forward
     accelerator = Accelerator(
         # CPU-only machines: cpu=True lets torchrun/accelerate launch run several processes over gloo
@@ -305,8 +314,12 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
 
-    dataset = HQImageDataset(cfg.data, crop_size=cfg.crop_size, min_size=cfg.min_size, hflip=cfg.hflip,
-                             seed=cfg.seed)  # fmt: skip
+    if cfg.pairs:
+        dataset = PairedImageDataset(cfg.pairs, crop_size=cfg.crop_size, scale=cfg.pair_scale, hflip=cfg.hflip,
+                                     seed=cfg.seed)  # fmt: skip
+    else:
+        dataset = HQImageDataset(cfg.data, crop_size=cfg.crop_size, min_size=cfg.min_size, hflip=cfg.hflip,
+                                 seed=cfg.seed)  # fmt: skip
     per_epoch = len(dataset) // (cfg.batch_size * world)
     if per_epoch < 1:
         raise ConfigError(
@@ -341,7 +354,11 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
         elif accelerator.is_main_process:
             accelerator.log(values, step=at)
 
-    val = _validation_set(cfg) if cfg.val_data and accelerator.is_main_process else None
+    has_val = bool(cfg.val_data or cfg.val_pairs)
+    val = _validation_set(cfg) if has_val and accelerator.is_main_process else None
+    val_lpips = _validation_lpips(trainer, cfg, log) if val is not None else None
+    if hasattr(trainer, "calibration_split"):  # PatchScaler's η: the validation split, or held-out crops
+        trainer.calibration_split = _validation_set(cfg, fallback_to_training=True)
     done_here = 0
     t0 = time.perf_counter()
     term = _SigtermFlag()
@@ -352,14 +369,21 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
         while step < cfg.max_steps and (stop_after is None or done_here < stop_after):
             trainer.on_step(step)
             logs: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
 
-                def gen(kind: str, _s=step, _m=micro) -> torch.Generator:
-                    return torch.Generator().manual_seed(derived_seed(cfg.seed, kind, _s, _m, rank))
+            def gen_of(micro: int, _s=step) -> Callable[[str], torch.Generator]:
+                return lambda kind: torch.Generator().manual_seed(
+                    derived_seed(cfg.seed, kind, _s, micro, rank)
+                )
 
+            def fetch() -> dict:
                 batch = next(batches)
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                logs = trainer.train_step(batch, step, gen)
+                return {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+            if hasattr(trainer, "train_update"):  # the trainer runs its own accumulation (S3Diff)
+                logs = trainer.train_update([fetch() for _ in range(cfg.grad_accum)], step, gen_of)
+            else:
+                for micro in range(cfg.grad_accum):
+                    logs = trainer.train_step(fetch(), step, gen_of(micro))
             step += 1
             done_here += 1
             if ema is not None:
@@ -386,7 +410,9 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
                 log(f"SIGTERM: checkpoint of step {step} written; continue with --resume")
                 raise TrainingStopped(out / CHECKPOINTS / f"step-{step:07d}")
             if val is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
-                metrics = _validate(trainer, val, out / "val" / f"step-{step:07d}", accelerator.device)
+                metrics = _validate(
+                    trainer, val, out / "val" / f"step-{step:07d}", accelerator.device, val_lpips
+                )
                 log_values(metrics, step)
                 log(f"validation at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     finally:
@@ -447,39 +473,88 @@ def _current_lr(trainer) -> float:
     return float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
 
 
-def _validation_set(cfg: TrainConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, hr (1,3,S,S) [0,1], lr (1,3,S/4,S/4) [0,1]) for the first val_count images: centre crop
-    (reflect-padded if small), LR by the training degradation with a fixed seed per image."""
+def _validation_set(
+    cfg: TrainConfig, fallback_to_training: bool = False
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, hr (1,3,S,S) [0,1], lr (1,3,S/s,S/s) [0,1]) for the first val_count images: centre crops
+    (mirror-padded if small) of the real pairs (val_pairs), or of HR images (val_data; with
+    `fallback_to_training`, the first training images or pairs when no validation data is given)
+    degraded by the training preset with a fixed seed per image."""
     from ..io import find_images, read_image
     from ..pairs import degrade_image, image_seed
+    from .data import _pad_pair, resolve_pairs, resolve_sources
 
-    items = []
     s = cfg.val_crop
-    for src, rel in find_images([cfg.val_data])[: cfg.val_count]:
-        px = read_image(src, max_pixels=None).pixels
-        if px.shape[-1] == 1:
-            px = np.repeat(px, 3, axis=-1)
+    pairs = cfg.val_pairs or (cfg.pairs if fallback_to_training and not cfg.val_data else None)
+    rgb = lambda a: np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a  # noqa: E731
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None].float()  # noqa: E731
+    items = []
+    if pairs:
+        scale = cfg.pair_scale
+        for lr_p, hr_p in resolve_pairs(pairs)[: cfg.val_count]:
+            lr = rgb(read_image(lr_p, max_pixels=None).pixels)
+            hr = rgb(read_image(hr_p, max_pixels=None).pixels)
+            (lh, lw), (hh, hw) = lr.shape[:2], hr.shape[:2]
+            if not (lh * scale <= hh < (lh + 1) * scale and lw * scale <= hw < (lw + 1) * scale):
+                raise ConfigError(
+                    f"validation pair {hr_p}: HR {hw}x{hh} is not {scale}x its LR {lr_p} ({lw}x{lh})"
+                )
+            lr, hr = _pad_pair(lr, hr[: lh * scale, : lw * scale], s // scale, scale)
+            y, x = (lr.shape[0] - s // scale) // 2, (lr.shape[1] - s // scale) // 2
+            lr = lr[y : y + s // scale, x : x + s // scale]
+            hr = hr[y * scale : y * scale + s, x * scale : x * scale + s]
+            items.append((hr_p.stem, to_t(hr), to_t(lr)))
+        return items
+    if cfg.val_data:
+        sources = find_images([cfg.val_data])[: cfg.val_count]
+    elif fallback_to_training:
+        sources = [(p, Path(p.name)) for p in resolve_sources(cfg.data)[: cfg.val_count]]
+    else:
+        return []
+    for src, rel in sources:
+        px = rgb(read_image(src, max_pixels=None).pixels)
         ph, pw = max(0, s - px.shape[0]), max(0, s - px.shape[1])
         if ph or pw:
             px = np.pad(px, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
         y, x = (px.shape[0] - s) // 2, (px.shape[1] - s) // 2
         hr = np.ascontiguousarray(px[y : y + s, x : x + s])
         lr, _ = degrade_image(hr, cfg.degradation, image_seed(cfg.seed, rel))
-        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None].float()  # noqa: E731
         items.append((rel.as_posix(), to_t(hr), to_t(lr)))
     return items
 
 
-def _validate(trainer: MethodTrainer, items, folder: Path, device) -> dict[str, float]:
+def _validation_lpips(trainer: MethodTrainer, cfg: TrainConfig, log: Callable[[str], None]):
+    """The LPIPS network validation reports with: the trainer's own when it has one, else a fresh one;
+    None (said once) when the lpips package or its weights are missing."""
+    if getattr(trainer, "lpips", None) is not None:
+        return trainer.lpips
+    from ..errors import DiffSRError
+
+    try:
+        from .losses import LPIPSLoss
+        from .preflight import lpips_backbone
+
+        weights = lpips_backbone("vgg", cfg.lpips_weights) if cfg.lpips_pretrained else None
+        return LPIPSLoss(net="vgg", pretrained=cfg.lpips_pretrained, weights=weights)
+    except DiffSRError as e:
+        log(f"validation reports PSNR/SSIM only: LPIPS unavailable ({e})")
+        return None
+
+
+def _validate(trainer: MethodTrainer, items, folder: Path, device, lpips=None) -> dict[str, float]:
     from ..degradations import upsample_to_hr
     from ..io import ImageData, write_image
     from ..metrics.psnr_ssim import psnr, ssim
 
-    psnrs, ssims = [], []
+    psnrs, ssims, lpipss = [], [], []
     for name, hr, lr in items:
         lr_d = lr.to(device)
-        sr = trainer.validate_forward(lr_d, upsample_to_hr(lr_d, hr.shape[-1] // lr.shape[-1]) * 2 - 1)
-        sr = ((sr.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 0).cpu().numpy()
+        sr_t = trainer.validate_forward(lr_d, upsample_to_hr(lr_d, hr.shape[-1] // lr.shape[-1]) * 2 - 1)
+        sr_t = sr_t.float().clamp(-1, 1)
+        if lpips is not None:
+            with torch.no_grad():
+                lpipss.append(float(lpips(sr_t, (hr.to(sr_t.device) * 2 - 1)).mean()))
+        sr = ((sr_t + 1) / 2)[0].permute(1, 2, 0).cpu().numpy()
         gt = hr[0].permute(1, 2, 0).numpy()
         psnrs.append(psnr(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
         ssims.append(ssim(sr * 255, gt * 255, crop_border=4, test_y_channel=True))
@@ -489,4 +564,7 @@ def _validate(trainer: MethodTrainer, items, folder: Path, device) -> dict[str, 
                            gt.shape[1] // lr.shape[-1], 1)  # fmt: skip
         strip = np.concatenate([lr_big, sr, gt], axis=1).astype(np.float32)
         write_image(folder / f"{name}_lr-sr-hr.png", ImageData(np.clip(strip, 0, 1), None, 8), overwrite=True)
-    return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims))}
+    out = {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims))}
+    if lpipss:
+        out["val/lpips"] = float(np.mean(lpipss))
+    return out

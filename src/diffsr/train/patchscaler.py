@@ -34,18 +34,17 @@ class _Objective(nn.Module):
         self.cfg = cfg
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
-    def forward(self, z_lr: torch.Tensor, x_hr: torch.Tensor, train_grm: bool, generator: torch.Generator):
+    def forward(self, z_lr: torch.Tensor, x_hr: torch.Tensor, eta: float | None, generator: torch.Generator):
+        """eta: Eq. (1)'s η while the GRM trains; None once it is frozen."""
         from ..methods.patchscaler.dit import diffusion_loss
-        from ..methods.patchscaler.grm import calibrate_eta, grm_loss
+        from ..methods.patchscaler.grm import grm_loss
         from ..methods.patchscaler.pgs import split_patches
 
         cfg, nets = self.cfg, self.nets
         logs: dict[str, float] = {}
         y_hr, conf = nets.grm(z_lr)
         loss = z_lr.new_zeros(())
-        if train_grm:
-            err2 = (y_hr - x_hr).detach().pow(2).sum(1)
-            eta = cfg.grm_eta if cfg.grm_eta > 0 else calibrate_eta(err2)  # our choice (D3)
+        if eta is not None:
             l_grm, parts = grm_loss(y_hr, x_hr, conf, lam=cfg.grm_lambda, eta=eta)
             loss = loss + l_grm
             logs.update(
@@ -70,6 +69,11 @@ class PatchScalerTrainer:
         self.cfg = cfg
         self.phase: int | None = None
         self.optimizer = self.scheduler = None
+        self.eta: float | None = cfg.grm_eta if cfg.grm_eta > 0 else None
+        self.eta_calibrated_at: int | None = None
+        # (name, hr, lr) crops η is calibrated on; the loop sets it (the validation split, else held-out
+        # training crops)
+        self.calibration_split: list | None = None
 
     def setup(self, accelerator) -> None:
         from ..methods.patchscaler.dit import PRESETS
@@ -108,9 +112,45 @@ class PatchScalerTrainer:
         return self.acc.unwrap_model(self.objective).nets
 
     def on_step(self, step: int) -> None:
-        phase = 1 if step < self.cfg.grm_steps else 2
+        cfg = self.cfg
+        phase = 1 if step < cfg.grm_steps else 2
         if phase != self.phase:
             self.enter_phase(phase, step)
+        if phase == 1 and cfg.grm_eta == 0 and (self.eta is None or (step == cfg.grm_eta_warmup
+                                                                     and self.eta_calibrated_at != step)):  # fmt: skip
+            self.eta = self.calibrate_eta()
+            self.eta_calibrated_at = step
+
+    @torch.no_grad()
+    def calibrate_eta(self) -> float:
+        """η from the GRM's current per-pixel errors e² on the calibration split (PATCHSCALER.md D3: the
+        median pixel gets C = 1): once at the start and once after `grm_eta_warmup` steps, never per
+        batch. Every process computes it on the same crops; the main process's value is broadcast."""
+        from ..degradations import upsample_to_hr
+        from ..methods.patchscaler.grm import calibrate_eta
+
+        if not self.calibration_split:
+            raise ConfigError(
+                "PatchScaler's η calibration needs a calibration split (set by the training loop)"
+            )
+        grm = self.nets.grm
+        was_training = grm.training
+        grm.eval()
+        errs = []
+        try:
+            for _, hr, lr in self.calibration_split:
+                dev = self.acc.device
+                lr_up = upsample_to_hr(lr.to(dev), hr.shape[-1] // lr.shape[-1]) * 2 - 1
+                y, _ = grm(self._encode(lr_up))
+                errs.append((y - self._encode(hr.to(dev) * 2 - 1)).pow(2).sum(1).flatten().cpu())
+        finally:
+            grm.train(was_training)
+        eta = torch.tensor([calibrate_eta(torch.cat(errs))], dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            eta = broadcast(eta, from_process=0)
+        return float(eta.item())
 
     def enter_phase(self, phase: int, step: int = 0) -> None:
         """Phase 1: GRM + Patch-DiT + texture encoder; phase 2: GRM frozen (fresh optimizer, as at PiSA-SR's
@@ -146,7 +186,9 @@ class PatchScalerTrainer:
         cfg = self.cfg
         z_lr, x_hr = self._encode(batch["lr_up"]), self._encode(batch["hr"])
         with self.acc.accumulate(self.objective), self.acc.autocast():
-            loss, logs, conf = self.objective(z_lr, x_hr, self.phase == 1, gen("diffusion"))
+            loss, logs, conf = self.objective(
+                z_lr, x_hr, self.eta if self.phase == 1 else None, gen("diffusion")
+            )
             self.acc.backward(loss)
             if self.acc.sync_gradients:
                 params = [p for p in self.nets.parameters() if p.requires_grad]
@@ -198,10 +240,14 @@ class PatchScalerTrainer:
             "phase": self.phase,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grm_eta": self.eta,
+            "grm_eta_calibrated_at": self.eta_calibrated_at,
         }
 
     def load_optimizer_states(self, states: dict, step: int) -> None:
         self.enter_phase(1 if step < self.cfg.grm_steps else 2, step)
+        if states.get("grm_eta") is not None:  # the calibrated η carries on; it is not re-measured
+            self.eta, self.eta_calibrated_at = float(states["grm_eta"]), states.get("grm_eta_calibrated_at")
         if states.get("phase") == self.phase:
             self.optimizer.load_state_dict(states["optimizer"])
             self.scheduler.load_state_dict(states["scheduler"])

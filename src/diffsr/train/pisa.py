@@ -58,7 +58,9 @@ class PisaTrainer:
             unet.enable_gradient_checkpointing()
         unet.train()
         self.unet = accelerator.prepare(unet)
-        self.lpips = LPIPSLoss(net=cfg.lpips_net, pretrained=cfg.lpips_pretrained).to(dev)
+        self.lpips = LPIPSLoss(
+            net=cfg.lpips_net, pretrained=cfg.lpips_pretrained, weights=cfg.lpips_weights
+        ).to(dev)
         self.null_emb = self._embed([""])
         self.neg_emb = self._embed([cfg.neg_prompt_csd])
         self.timestep = torch.tensor([cfg.timestep], device=dev, dtype=torch.long)

@@ -1,16 +1,24 @@
 """S3Diff training: the degradation-guided LoRA (UNet rank 32 + trained conv_in, VAE encoder rank 16,
-modulation MLPs and block embeddings) with L2·2 + LPIPS·5, then a generator GAN term ·0.5 against a
-vision-aided discriminator (frozen DINO ViT-B/16, trainable heads, BCE with real label 0.8).
+modulation MLPs and block embeddings) with L2·2 + LPIPS·5, then a generator GAN term ·0.5 against the
+vision-aided discriminator (frozen DINO ViT-B/16 with DiffAugment, heads on blocks 4/8 and the class
+token of block 11, BCE with real label 0.8 summed over the three levels).
 
 As the authors: online negatives (with p = 0.05 a sample gets the negative prompt and its target
 becomes the LR input), a reconstruction update and a GAN update of the generator per step, then a
 real and a fake update of the discriminator; the degradation estimator stays frozen. Unlike the
-authors' script, the generator's GAN backward does not leave gradients in the discriminator (its
-parameters are frozen for that backward), so the discriminator updates on its own losses only.
+authors' script:
+- the generator's GAN backward does not leave gradients in the discriminator (its parameters are
+  frozen for that backward), so the discriminator updates on its own losses only;
+- with gradient accumulation (``grad_accum`` micro-batches per step; the authors' default is 4),
+  each of the four updates averages its own loss over the step's micro-batches before it is
+  applied. (Under accelerate's ``accumulate`` the authors' optimizer steps are skipped until the
+  last micro-batch, where the reconstruction update then also carries the earlier micro-batches' GAN
+  gradients.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightsNotFoundError
+from ..errors import WeightsNotFoundError
 from ..methods.s3diff import (
     DE_NET_HELP,
     DEFAULT_BASE,
@@ -66,9 +74,6 @@ class S3DiffTrainer:
     """The S3Diff MethodTrainer (see train/loop.py)."""
 
     def __init__(self, cfg: S3DiffTrainConfig):
-        if cfg.grad_accum != 1:
-            raise ConfigError("S3Diff training updates the generator twice per step; use grad_accum=1 "
-                              "(scale the batch with more processes instead)")  # fmt: skip
         self.cfg = cfg
 
     def setup(self, accelerator) -> None:
@@ -97,7 +102,9 @@ class S3DiffTrainer:
             gen.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self.model.checkpoint)
         gen.train()
         disc = VisionAidedDiscriminator(cfg.disc_backbone, pretrained=cfg.disc_pretrained,
-                                        layers=tuple(cfg.disc_layers), img_size=cfg.disc_img_size)  # fmt: skip
+                                        layers=tuple(cfg.disc_layers), head_channels=cfg.disc_head_channels,
+                                        img_size=cfg.disc_img_size, weights=cfg.disc_weights,
+                                        diffaug=cfg.disc_diffaug)  # fmt: skip
         disc.train()
 
         opt_g, sched_g = optimizer_and_scheduler(cfg, [p for p in gen.parameters() if p.requires_grad],
@@ -107,7 +114,9 @@ class S3DiffTrainer:
         # per training step, after the generator's one or two updates
         self.scheduler, self.scheduler_d = sched_g, sched_d
         (self.gen, self.disc, self.optimizer, self.optimizer_d) = accelerator.prepare(gen, disc, opt_g, opt_d)
-        self.lpips = LPIPSLoss(net=cfg.lpips_net, pretrained=cfg.lpips_pretrained).to(dev)
+        self.lpips = LPIPSLoss(
+            net=cfg.lpips_net, pretrained=cfg.lpips_pretrained, weights=cfg.lpips_weights
+        ).to(dev)
 
     def on_step(self, step: int) -> None:
         pass
@@ -115,55 +124,91 @@ class S3DiffTrainer:
     def _g_params(self):
         return [p for p in self.acc.unwrap_model(self.gen).parameters() if p.requires_grad]
 
-    def _g_update(self, loss: torch.Tensor) -> None:
-        self.acc.backward(loss)
+    def _g_step(self) -> None:
+        """Apply the generator's accumulated gradients (one optimizer update)."""
         self.acc.clip_grad_norm_(self._g_params(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _d_update(self, loss: torch.Tensor) -> None:
-        self.acc.backward(loss)
+    def _d_step(self) -> None:
         self.acc.clip_grad_norm_(
             self.acc.unwrap_model(self.disc).trainable_parameters(), self.cfg.max_grad_norm
         )
         self.optimizer_d.step()
         self.optimizer_d.zero_grad(set_to_none=True)
 
+    def _sync(self, module, last: bool):
+        """DDP all-reduces gradients on the last micro-batch of an update only."""
+        return contextlib.nullcontext() if last else self.acc.no_sync(module)
+
     def train_step(self, batch: dict, step: int, gen) -> dict[str, float]:
+        """One training step on a single micro-batch (see :meth:`train_update`)."""
+        return self.train_update([batch], step, lambda _micro: gen)
+
+    def train_update(self, batches: list[dict], step: int, gen_of) -> dict[str, float]:
+        """One training step over its micro-batches: four updates (generator reconstruction, generator
+        GAN, discriminator real, discriminator fake), each from its loss averaged over the micro-batches
+        (accelerate's backward divides by grad_accum). ``gen_of(i)`` gives micro-batch i's generators."""
         from .losses import d_loss_fake, d_loss_real, frozen, g_loss
 
-        cfg, m = self.cfg, self.model
-        x_src, x_tgt = batch["lr_up"], batch["hr"]
-        b = x_src.shape[0]
-        with torch.no_grad():
-            scores = m.de_net(batch["lr"].float())  # frozen estimator on the LR at its own size
-        neg = torch.rand(b, generator=gen("negatives")).to(x_src.device) < cfg.neg_prob
-        embeds = torch.where(neg[:, None, None], m.neg_embeds.float(), m.pos_embeds.float())
-        target = torch.where(neg[:, None, None, None], x_src, x_tgt)
-        logs = {"negatives": float(neg.sum())}
-        with self.acc.autocast():
-            pred = self.gen(x_src, scores, embeds, gen("posterior") if cfg.sample_posterior else None)
-            loss_l2 = F.mse_loss(pred.float(), target.float()) * cfg.lambda_l2
-            loss_lpips = self.lpips(pred.float(), target.float()).mean() * cfg.lambda_lpips
-        self._g_update(loss_l2 + loss_lpips)
-        logs.update(loss_l2=loss_l2.item(), loss_lpips=loss_lpips.item())
+        cfg, m, n = self.cfg, self.model, len(batches)
+        self.acc.gradient_state._set_sync_gradients(True)  # optimizer steps are ours to place
+        sums: dict[str, float] = {}
+
+        def add(**vals):
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
+
+        prepared = []
+        for i, batch in enumerate(batches):
+            gen = gen_of(i)
+            x_src, x_tgt = batch["lr_up"], batch["hr"]
+            b = x_src.shape[0]
+            with torch.no_grad():
+                scores = m.de_net(batch["lr"].float())  # frozen estimator on the LR at its own size
+            neg = torch.rand(b, generator=gen("negatives")).to(x_src.device) < cfg.neg_prob
+            embeds = torch.where(neg[:, None, None], m.neg_embeds.float(), m.pos_embeds.float())
+            target = torch.where(neg[:, None, None, None], x_src, x_tgt)
+            prepared.append((gen, x_src, x_tgt, scores, b))
+            with self._sync(self.gen, i == n - 1), self.acc.autocast():
+                pred = self.gen(x_src, scores, embeds, gen("posterior") if cfg.sample_posterior else None)
+                loss_l2 = F.mse_loss(pred.float(), target.float()) * cfg.lambda_l2
+                loss_lpips = self.lpips(pred.float(), target.float()).mean() * cfg.lambda_lpips
+                self.acc.backward(loss_l2 + loss_lpips)
+            add(negatives=float(neg.sum()) * n, loss_l2=loss_l2.item(), loss_lpips=loss_lpips.item())
+        self._g_step()
         if cfg.lambda_gan > 0:
-            pos = m.pos_embeds.float().expand(b, -1, -1)
-            with self.acc.autocast():
-                pred = self.gen(x_src, scores, pos, gen("posterior_gan") if cfg.sample_posterior else None)
-                with frozen(self.acc.unwrap_model(self.disc)):  # no generator gradient reaches D's .grad
-                    loss_g = g_loss(self.disc, pred) * cfg.lambda_gan
-            self._g_update(loss_g)
-            with self.acc.autocast():
-                loss_real = d_loss_real(self.disc, x_tgt) * cfg.lambda_gan
-            self._d_update(loss_real)
-            with self.acc.autocast():
-                loss_fake = d_loss_fake(self.disc, pred.detach()) * cfg.lambda_gan
-            self._d_update(loss_fake)
+            disc = self.acc.unwrap_model(self.disc)
+            preds = []
+            for i, (gen, x_src, _, scores, b) in enumerate(prepared):
+                pos = m.pos_embeds.float().expand(b, -1, -1)
+                with self._sync(self.gen, i == n - 1), self.acc.autocast():
+                    pred = self.gen(
+                        x_src, scores, pos, gen("posterior_gan") if cfg.sample_posterior else None
+                    )
+                    with frozen(disc):  # no generator gradient reaches D's .grad
+                        loss_g = g_loss(self.disc, pred, generator=gen("diffaug_g")) * cfg.lambda_gan
+                    self.acc.backward(loss_g)
+                preds.append(pred.detach())
+                add(loss_g=loss_g.item())
+            self._g_step()
+            for i, (gen, _, x_tgt, _, _) in enumerate(prepared):
+                with self._sync(self.disc, i == n - 1), self.acc.autocast():
+                    loss_real = d_loss_real(self.disc, x_tgt, generator=gen("diffaug_real")) * cfg.lambda_gan
+                    self.acc.backward(loss_real)
+                add(loss_d_real=loss_real.item())
+            self._d_step()
+            for i, (gen, *_rest) in enumerate(prepared):
+                with self._sync(self.disc, i == n - 1), self.acc.autocast():
+                    loss_fake = (
+                        d_loss_fake(self.disc, preds[i], generator=gen("diffaug_fake")) * cfg.lambda_gan
+                    )
+                    self.acc.backward(loss_fake)
+                add(loss_d_fake=loss_fake.item())
+            self._d_step()
             self.scheduler_d.step()
-            logs.update(loss_g=loss_g.item(), loss_d_real=loss_real.item(), loss_d_fake=loss_fake.item())
         self.scheduler.step()  # once per step, however many generator updates it took
-        return logs
+        return sums
 
     @torch.no_grad()
     def validate_forward(self, lr: torch.Tensor, lr_up: torch.Tensor) -> torch.Tensor:

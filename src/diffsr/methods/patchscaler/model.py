@@ -216,18 +216,21 @@ class PatchScaler(LatentSR):
 
         seed: the global noise map (one map, cropped per patch); devices: {group: device} for the
         paper's multi-GPU split; thresholds: (γ1, γ2) override; unified: every patch takes the hard
-        group's path (τ = 1000, N = 20), the baseline PGS accelerates."""
-        opts = self.options(options)
+        group's path (τ = 1000, N = 20), the baseline PGS accelerates. `seed` also seeds the VAE posterior
+        sample when sample_posterior is on, so a seeded run is reproducible end to end."""
+        opts = self.options({**options, "seed": seed})
         x_up, y_hr, conf, size = self.coarse(lr.to(self.device), opts)
         c = self.config
         groups = (c.groups()[-1],) if unified else c.groups()
+        if devices and unified:  # one group left: it runs where the hard group was placed
+            devices = {g.name: devices[g.name] for g in groups if g.name in devices}
         sampler = PatchGroupSampler(groups=groups, thresholds=() if unified else tuple(thresholds or c.thresholds),
                                     patch=c.patch, stride=c.stride, weight=c.fuse_weight, chunk_size=chunk_size,
-                                    devices=devices)  # fmt: skip
+                                    devices=devices or None)  # fmt: skip
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        denoisers = self._denoisers(devices)
-        x0, stats = sampler(denoisers if devices else denoisers["main"], y_hr, conf,
-                            self.alphas_cumprod, generator=gen, progress=opts.progress)  # fmt: skip
+        denoisers = self._denoisers(devices, home=y_hr.device)
+        x0, stats = sampler(denoisers if devices else denoisers["main"], y_hr, conf, self.alphas_cumprod,
+                            generator=gen, progress=_call_progress(opts.progress))  # fmt: skip
         y = self.decode(x0, opts)[..., : size[0], : size[1]]
         y = apply_color_fix(y, x_up.to(y.device), opts.color_fix).cpu()
         stats["texture_prompts"] = sum(d.prompt_patches for d in denoisers.values())
@@ -256,14 +259,24 @@ class PatchScaler(LatentSR):
         a = mean_confidence(conf, corners, self.config.patch, padded)
         return corners, assign_groups(a, tuple(thresholds or self.config.thresholds)).cpu(), self.config.patch
 
-    def _denoisers(self, devices: dict | None) -> dict[str, Callable]:
+    def _denoisers(self, devices: dict | None, home: torch.device | None = None) -> dict[str, Callable]:
         if not devices:
             return {"main": _PatchDenoiser(self.nets, self.config.texture_k, self.dtype)}
-        out = {}
-        for dev in {str(d) for d in devices.values()}:
-            nets = self.nets if dev == str(self.device) else _copy_to(self.nets, dev)
+        home_key = str(home if home is not None else self.device)
+        out = {}  # groups the map leaves out run on the latent's (the model's) device
+        for dev in {str(resolve_device(d)) for d in devices.values()} | {home_key}:
+            nets = self.nets if dev in (home_key, str(self.device)) else _copy_to(self.nets, dev)
             out[dev] = _PatchDenoiser(nets, self.config.texture_k, self.dtype)
         return out
+
+
+def _call_progress(progress: Callable | None) -> Callable | None:
+    """PGS reports denoiser calls; callers of `restore` get the tiling methods' {done, total} events."""
+    if progress is None:
+        return None
+    return lambda ev: progress(
+        {"stage": "pgs", "unit": "call", "done": ev["done_calls"], "total": ev["total_calls"]}
+    )
 
 
 def _copy_to(nets: PatchScalerNets, device) -> PatchScalerNets:

@@ -407,6 +407,10 @@ class PatchGroupSampler:
         )
 
         lock, abort, done = threading.Lock(), threading.Event(), [0]
+        if progress is not None:  # before the first call, so a progress bar shows from the start
+            progress(
+                {"group": None, "step": 0, "steps": 0, "t": None, "done_calls": 0, "total_calls": total_calls}
+            )
 
         def report(g: GroupSpec, step: int, t: int) -> None:
             with lock:
