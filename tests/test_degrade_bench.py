@@ -67,14 +67,17 @@ def test_bench_json_fields(tmp_path, capsys):
     d = json.loads(out.read_text())
     env = d["environment"]
     assert env["device"] == "cpu" and env["dtype"] == "float32" and "torch" in env and "diffusers" in env
+    assert len(env["load_average_1_5_15"]) == 3 and all(x >= 0 for x in env["load_average_1_5_15"])
+    assert env["commit"] is None or len(env["commit"].split("+")[0]) == 40  # this checkout's commit
     runs = {r["method"]: r for r in d["runs"]}
     assert set(runs) == {"pisa", "s3diff"} and runs["pisa"]["output"] == 64
     names = [c["name"] for c in runs["pisa"]["cases"]]
     assert names == ["default (λ=1,1, merged)", "adjustable (λ=0.5,0.8, batched)", "re-render (decode only)"]
     for case in runs["pisa"]["cases"] + runs["s3diff"]["cases"]:
         assert len(case["seconds"]) == 2 and case["min"] <= case["median"] <= case["max"]
+        assert len(case["cpu_seconds"]) == 2 and all(c > 0 for c in case["cpu_seconds"])
         assert case["peak_bytes"] > 0 and case["peak_kind"] in ("rss_peak", "rss_peak_since_start")
-    assert "median s" in capsys.readouterr().out
+    assert "cpu s" in capsys.readouterr().out
 
 
 def test_degrade_upscale_eval_end_to_end(hr_dir, tmp_path, tiny_sd_dir, pisa_dir, capsys):
@@ -88,4 +91,4 @@ def test_degrade_upscale_eval_end_to_end(hr_dir, tmp_path, tiny_sd_dir, pisa_dir
                  str(report), "-q"]) == 0  # fmt: skip
     summary = json.loads((report / "summary.json").read_text())
     assert summary["count"] == 2 and set(summary["mean"]) == {"psnr", "ssim"}
-    assert "psnr ↑" in capsys.readouterr().out
+    assert "| psnr (basicsr: Y, crop 4) ↑ |" in capsys.readouterr().out

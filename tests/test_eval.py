@@ -172,8 +172,11 @@ def test_psnr_ssim_report(folders, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
     md = r.markdown()
-    assert md.splitlines()[0] == "| metric | value |"
-    assert f"| psnr ↑ | {s['mean']['psnr']:.2f} |" in md and f"| ssim ↑ | {s['mean']['ssim']:.4f} |" in md
+    assert md.splitlines()[0] == "| metric | value | images |"
+    n = s["counts"]["psnr"]
+    assert n == r.count and s["counts"]["ssim"] == n
+    assert f"| psnr (basicsr: Y, crop 4) ↑ | {s['mean']['psnr']:.2f} | {n} |" in md
+    assert f"| ssim (basicsr: Y, crop 4) ↑ | {s['mean']['ssim']:.4f} | {n} |" in md
 
 
 def test_rgb_and_crop_settings(folders):
@@ -193,7 +196,7 @@ def test_identical_gives_inf_and_strict_json(tmp_path):
     r.write(tmp_path / "out")
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["mean"]["psnr"] == "inf" and s["mean"]["ssim"] == pytest.approx(1.0)
-    assert "| psnr ↑ | inf |" in r.markdown()
+    assert "| psnr (basicsr: Y, crop 4) ↑ | inf | 1 |" in r.markdown()
 
 
 def test_size_and_channel_mismatch(tmp_path):
@@ -204,13 +207,24 @@ def test_size_and_channel_mismatch(tmp_path):
     save(gt / "small.png", rand_img(2, 64, 80))
     save(pred / "gray.png", rand_img(3, c=1))
     save(gt / "gray.png", rand_img(3))
+    save(pred / "odd.png", rand_img(4, 16, 20))
+    save(gt / "odd.png", np.pad(rand_img(4, 16, 20), ((0, 3), (0, 2), (0, 0))))  # HR not a multiple of 4
     r = evaluate(pred, gt, "psnr")
-    assert [k for k, _ in r.rows] == ["ok"]
+    assert [k for k, _ in r.rows] == ["gray", "ok"]  # gray vs RGB: compared as RGB (the stated rule)
     msg = r.failed["small"]
     assert "size mismatch" in msg and str(pred / "small.png") in msg and str(gt / "small.png") in msg
     assert "20x16" in msg and "80x64" in msg
-    msg = r.failed["gray"]
-    assert "channel mismatch" in msg and str(pred / "gray.png") in msg and str(gt / "gray.png") in msg
+    assert "--crop-to-scale" in r.failed["odd"]
+    # with crop-to-scale the 19x22 ground truth is cropped to the 16x20 prediction, top-left: identical
+    r = evaluate(pred, gt, "psnr", crop_to_scale=4)
+    assert dict(r.rows)["odd"]["psnr"] == float("inf") and "small" in r.failed
+    rgb = rand_img(3)
+    gray_as_rgb = np.repeat(rand_img(3, c=1)[..., None], 3, axis=-1)
+    from diffsr.metrics.psnr_ssim import psnr as bpsnr
+
+    want = bpsnr(np.rint(gray_as_rgb.astype(np.float64)), np.rint(rgb.astype(np.float64)), crop_border=4,
+                 test_y_channel=True)  # fmt: skip
+    assert dict(r.rows)["gray"]["psnr"] == pytest.approx(want, rel=1e-9)
 
 
 def test_grayscale_pairs(tmp_path):
@@ -295,7 +309,7 @@ def test_unavailable_metric_offline_mocked(folders, monkeypatch, tmp_path, capsy
     )
     rc = main(["eval", "--pred", str(pred), "--gt", str(gt), "-q", "--metrics", "psnr,lpips,maniqa,ssim",
                "-o", str(tmp_path / "o")])  # fmt: skip
-    assert rc == 0  # the files are fine; only the weights are missing
+    assert rc == 1  # the files are fine, but two requested columns are missing
     err = capsys.readouterr().err
     assert "lpips: unavailable: URLError" in err and "maniqa: unavailable: LocalEntryNotFoundError" in err
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -385,7 +399,7 @@ def test_cli_ok_and_outputs(folders, tmp_path, capsys):
                "-o", str(out)])  # fmt: skip
     assert rc == 0
     cap = capsys.readouterr()
-    assert "| psnr ↑ |" in cap.out and "| ssim ↑ |" in cap.out
+    assert "| psnr (basicsr: Y, crop 2) ↑ |" in cap.out and "| ssim (basicsr: Y, crop 2) ↑ |" in cap.out
     assert "extra.png" in cap.err and "sub/missing.bmp" in cap.err
     s = json.loads((out / "summary.json").read_text())
     assert s["settings"]["crop_border"] == 2 and s["settings"]["scale"] == 2
@@ -402,7 +416,7 @@ def test_cli_failed_pair_exit_1(tmp_path, capsys):
     rc = main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr,ssim", "-q"])
     assert rc == 1
     cap = capsys.readouterr()
-    assert "| psnr ↑ |" in cap.out
+    assert "| psnr (basicsr: Y, crop 4) ↑ |" in cap.out
     assert "size mismatch" in cap.err and str(pred / "b.png") in cap.err and str(gt / "b.png") in cap.err
 
 
@@ -437,3 +451,27 @@ def test_cli_nothing_to_evaluate_exit_1(tmp_path):
         main(["eval", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g"), "--metrics", "psnr", "-q"])
         == 1
     )
+
+
+def test_pyiqa_convention_matches_its_definition(tmp_path, capsys):
+    """--convention pyiqa: PSNR on the (unrounded) Y of YCbCr in [0, 1], no crop; the table says so."""
+    pytest.importorskip("pyiqa")
+    pred, gt = tmp_path / "p", tmp_path / "g"
+    a, b = rand_img(10), rand_img(11)
+    save(pred / "x.png", a)
+    save(gt / "x.png", b)
+    r = evaluate(pred, gt, "psnr,ssim", convention="pyiqa")
+
+    def y(img):
+        f = img.astype(np.float64) / 255
+        return (16 + 65.481 * f[..., 0] + 128.553 * f[..., 1] + 24.966 * f[..., 2]) / 255
+
+    want = 10 * np.log10(1 / (np.mean((y(a) - y(b)) ** 2) + 1e-8))
+    got = dict(r.rows)["x"]
+    assert got["psnr"] == pytest.approx(want, abs=1e-3)
+    basic = dict(evaluate(pred, gt, "psnr,ssim").rows)["x"]
+    assert got["psnr"] != pytest.approx(basic["psnr"], abs=1e-3)  # the crop makes them differ
+    assert 0 < got["ssim"] < 1 and r.settings["convention"] == "pyiqa"
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr", "--convention", "pyiqa",
+                 "-q"]) == 0  # fmt: skip
+    assert "| psnr (pyiqa: Y of YCbCr, no crop) ↑ |" in capsys.readouterr().out

@@ -25,6 +25,7 @@ class Measurement:
     peak_bytes: int | None
     peak_kind: str
     extra: dict = field(default_factory=dict)
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time (all threads) per repeat
 
     @property
     def median(self) -> float:
@@ -84,17 +85,18 @@ def measure(
         fn()
     _sync(device)
     reset_peak(device)
-    times = []
+    times, cpu = [], []
     out = None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         _sync(device)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     bytes_, kind = peak(device)
     info = out[1] if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else {}
     extra = {k: info[k] for k in REPORTED if k in info}
-    return Measurement(name, times, bytes_, kind, extra)
+    return Measurement(name, times, bytes_, kind, extra, cpu)
 
 
 # simple / medium / hard fractions forced by the PatchScaler benchmark (an assumption: the paper
@@ -128,15 +130,40 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    try:  # other work on the machine inflates wall times: recorded next to them
+        env["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        env["load_average_1_5_15"] = None
+    env["commit"] = _commit()
     return env
+
+
+def _commit() -> str | None:
+    """The git commit of the diffsr checkout this runs from (with "+dirty" for uncommitted changes),
+    or None outside a checkout."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def format_table(rows: list[Measurement]) -> str:
     """A plain-text table: name, median, min, max seconds and peak memory (GiB)."""
-    lines = [f"{'case':<38}{'median s':>10}{'min s':>9}{'max s':>9}{'peak GiB':>10}"]
+    lines = [f"{'case':<38}{'median s':>10}{'min s':>9}{'max s':>9}{'cpu s':>9}{'peak GiB':>10}"]
     for m in rows:
         mem = f"{m.peak_bytes / 2**30:.2f}" if m.peak_bytes else "n/a"
-        line = f"{m.name:<38}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{mem:>10}"
+        cpu = f"{statistics.median(m.cpu_seconds):.3f}" if m.cpu_seconds else "n/a"
+        line = f"{m.name:<38}{m.median:>10.3f}{min(m.seconds):>9.3f}{max(m.seconds):>9.3f}{cpu:>9}{mem:>10}"
         if m.extra:
             line += "  " + " ".join(f"{k}={_short(v)}" for k, v in m.extra.items())
         lines.append(line)

@@ -17,8 +17,9 @@ def register(sub) -> None:
         description="Evaluate the images under --pred (recursively) against those under --gt, paired by "
         "relative path without extension (pred/sub/0001.png <-> gt/sub/0001.jpg). PSNR/SSIM as BasicSR "
         "computes them (0-255, Y of BT.601, --crop-border); learned metrics through pyiqa. Prints a "
-        "Markdown table; -o also writes metrics.csv and summary.json. Exit status 1 if a pair failed, "
-        "nothing was evaluated or no metric could run; 2 for bad arguments.",
+        "Markdown table (with the image count behind each mean); -o also writes metrics.csv and summary.json. "
+        "Alpha is ignored; a gray image paired with an RGB one is compared as RGB. Exit status 1 if a pair "
+        "failed, nothing was evaluated or a requested metric could not run; 2 for bad arguments.",
     )
     e.add_argument("--pred", required=True, metavar="DIR", help="folder of super-resolved images")
     e.add_argument("--gt", metavar="DIR", help="folder of ground-truth images (needed for reference metrics)")
@@ -43,6 +44,13 @@ def register(sub) -> None:
         default="y",
         help="psnr/ssim on the Y of YCbCr (default, the papers') or on RGB",
     )
+    e.add_argument("--convention", choices=("basicsr", "pyiqa"), default="basicsr",
+                   help="psnr/ssim as BasicSR computes them (default; 0-255 float, --crop-border, --color-space: "
+                   "the PiSA-SR and S3Diff tables) or as pyiqa does (rounded Y of YCbCr, no crop: OSEDiff/SeeSR-"
+                   "style tables)")  # fmt: skip
+    e.add_argument("--crop-to-scale", action="store_true",
+                   help="crop a ground truth that is up to --scale-1 pixels larger than its prediction (an HR "
+                   "whose size is not a multiple of the scale) to the prediction's size, top-left")  # fmt: skip
     e.add_argument("-o", "--output", metavar="REPORT_DIR", help="write metrics.csv and summary.json here")
     e.add_argument(
         "--device",
@@ -81,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         metrics,
         crop_border=crop,
         color_space=args.color_space,
+        convention=args.convention,
+        crop_to_scale=args.scale if args.crop_to_scale else None,
         device=args.device,
         max_pixels=args.max_pixels,
         progress=not args.quiet,
@@ -126,5 +136,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if report.all_unavailable:
         print("diffsr: none of the requested metrics could run", file=err)
+        return 1
+    if report.unavailable:  # the table lacks a requested column: not a success
+        print(f"diffsr: unavailable: {', '.join(report.unavailable)} (see the notes above)", file=err)
         return 1
     return 0

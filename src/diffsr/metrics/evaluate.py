@@ -329,15 +329,34 @@ class EvalReport:
             },
             "failed": dict(self.failed),
             "unavailable": dict(self.unavailable),
+            "counts": self.counts(),
             "lower_better": {m: self.lower_better[m] for m in self.metrics},
             "settings": self.settings,
             "versions": self.versions,
         }
 
+    def counts(self) -> dict[str, int]:
+        """How many images each mean is over (a set metric: the pairs it was computed on)."""
+        out = {}
+        for m in self.metrics:
+            if m in SET_METRICS:
+                out[m] = int(self.settings.get("set_metric_pairs", 0)) if m in self.set_values else 0
+            else:
+                out[m] = sum(1 for _, v in self.rows if m in v)
+        return out
+
     def markdown(self) -> str:
-        """A ``| metric | value |`` table, names with ↑ (higher is better) or ↓."""
-        lines = ["| metric | value |", "|:-------|------:|"]
+        """A ``| metric | value | images |`` table, names with ↑ (higher is better) or ↓; psnr/ssim
+        carry their convention (basicsr: Y/RGB and the crop; pyiqa: its Y and no crop)."""
+        lines = ["| metric | value | images |", "|:-------|------:|-------:|"]
         mean = self.mean
+        counts = self.counts()
+        conv = self.settings.get("convention", "basicsr")
+        if conv == "pyiqa":
+            tag = " (pyiqa: Y of YCbCr, no crop)"
+        else:
+            space = "Y" if self.settings.get("test_y_channel", True) else "RGB"
+            tag = f" (basicsr: {space}, crop {self.settings.get('crop_border', 0)})"
         for m in self.metrics:
             arrow = "↓" if self.lower_better.get(m, LOWER_BETTER[m]) else "↑"
             v = mean[m]
@@ -349,7 +368,8 @@ class EvalReport:
                 cell = repr(v)
             else:
                 cell = f"{v:.2f}" if m == "psnr" else f"{v:.4f}"
-            lines.append(f"| {m} {arrow} | {cell} |")
+            label = f"{m}{tag}" if m in PIXEL_METRICS else m
+            lines.append(f"| {label} {arrow} | {cell} | {counts[m]} |")
         return "\n".join(lines) + "\n"
 
     def write(self, folder: str | os.PathLike) -> dict[str, Path]:
@@ -403,6 +423,45 @@ def _to_255(img: ImageData) -> np.ndarray:
     return np.rint(p * 255.0)
 
 
+def _as_rgb(img: ImageData) -> ImageData:
+    """Gray replicated to three channels (alpha dropped: metrics compare colour channels)."""
+    px = np.repeat(img.pixels, 3, axis=-1) if img.pixels.shape[-1] == 1 else img.pixels
+    return ImageData(px, None, img.bit_depth, img.format)
+
+
+def _pyiqa_pixel_metrics(names: list[str]) -> dict[str, Any]:
+    """pyiqa's PSNR / SSIM as OSEDiff / SeeSR-style evaluations create them: on the Y channel of
+    YCbCr (rounded to integer levels by pyiqa), no border crop. No weights are involved."""
+    if not names:
+        return {}
+    try:
+        import pyiqa
+    except ImportError:
+        raise ConfigError("--convention pyiqa needs pyiqa: pip install diffsr[metrics]") from None
+    return {n: pyiqa.create_metric(n, test_y_channel=True, color_space="ycbcr", device="cpu", as_loss=False)
+            for n in names}  # fmt: skip
+
+
+def _fid_on_pairs(model, pairs: list[tuple[Path, Path]]) -> float:
+    """FID between exactly the paired predictions and ground truths (not whatever else the folders
+    hold): the files are linked (or copied) into two temporary folders for pyiqa."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="diffsr-fid-") as tmp:
+        dirs = [Path(tmp) / "pred", Path(tmp) / "gt"]
+        for d in dirs:
+            d.mkdir()
+        for i, pair in enumerate(pairs):
+            for d, src in zip(dirs, pair, strict=True):
+                dst = d / f"{i:06d}{src.suffix.lower()}"
+                try:
+                    os.symlink(src.resolve(), dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+        return _as_float(model(str(dirs[0]), str(dirs[1]), verbose=False))
+
+
 def _to_tensor(img: ImageData, device):
     import torch
 
@@ -454,6 +513,8 @@ def evaluate(
     *,
     crop_border: int = 4,
     color_space: str = "y",
+    convention: str = "basicsr",
+    crop_to_scale: int | None = None,
     device: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = False,
@@ -465,6 +526,14 @@ def evaluate(
     :data:`DEFAULT_FR_METRICS` with ``gt_dir`` and :data:`DEFAULT_NR_METRICS` without.
     ``crop_border``: pixels removed per side for psnr/ssim (the SR papers use the scale).
     ``color_space``: ``"y"`` (BT.601 luma, the papers' convention) or ``"rgb"``, for psnr/ssim.
+    ``convention``: ``"basicsr"`` (the above: float64 on 0-255, ``crop_border``, as BasicSR and the
+    PiSA-SR / S3Diff tables) or ``"pyiqa"`` (pyiqa's psnr/ssim on the rounded Y of YCbCr, no crop,
+    as OSEDiff / SeeSR-style tables compute them; ``crop_border`` and ``color_space`` unused).
+    ``crop_to_scale``: a ground truth larger than its prediction by less than this many pixels per
+    side (an HR whose size is not a multiple of the scale) is cropped to the prediction's size from
+    the top-left, as BasicSR's mod-crop does; None: sizes must match.
+    Pairs: alpha is ignored (the colour channels are compared); a gray image paired with an RGB one
+    is compared as RGB (the gray replicated). FID uses exactly the paired files.
     ``device``: for the pyiqa metrics (None: CUDA when available). ``max_pixels``: passed to
     read_image. ``progress``: a tqdm bar on stderr. ``log``: called with one-line notes
     (unavailable metric, failed pair) as they happen.
@@ -481,6 +550,8 @@ def evaluate(
         raise ConfigError(f"crop_border must be an integer >= 0, got {crop_border!r}")
     crop_border = int(crop_border)
     test_y = color_space == "y"
+    if convention not in ("basicsr", "pyiqa"):
+        raise ConfigError(f"convention must be 'basicsr' or 'pyiqa', got {convention!r}")
 
     pairing = pair_folders(pred_dir, gt_dir)
     iqa_names = [n for n in names if n in PYIQA_NAMES]
@@ -492,6 +563,10 @@ def evaluate(
     device_str = str(dev) if dev is not None else "cpu"
 
     models, unavailable = _load_pyiqa(iqa_names, dev, log)
+    if convention == "pyiqa":
+        pixel_fns = _pyiqa_pixel_metrics([n for n in names if n in PIXEL_METRICS])
+    else:
+        pixel_fns = None
     lower_better = dict(LOWER_BETTER)
     for n, model in models.items():
         lb = getattr(model, "lower_better", None)
@@ -532,6 +607,8 @@ def evaluate(
                 device=dev,
                 max_pixels=max_pixels,
                 log=log,
+                pixel_fns=pixel_fns,
+                crop_to_scale=crop_to_scale,
             )
         except KeyboardInterrupt:
             raise
@@ -550,16 +627,13 @@ def evaluate(
     rows = [(k, {m: v for m, v in vals.items() if m not in unavailable}) for k, vals in rows]
 
     set_values: dict[str, float] = {}
+    fid_pairs = [(p, g) for k, p, g in pairs if g is not None and k not in failed]
     if "fid" in names and "fid" in models:
-        n_pred = len(find_images([Path(pred_dir)]))
-        n_gt = len(find_images([Path(gt_dir)]))  # type: ignore[list-item]
-        if n_pred < 2 or n_gt < 2:
-            unavailable["fid"] = (
-                f"needs at least 2 images in each folder (prediction {n_pred}, ground truth {n_gt})"
-            )
+        if len(fid_pairs) < 2:
+            unavailable["fid"] = f"needs at least 2 image pairs, got {len(fid_pairs)}"
         else:
             try:
-                set_values["fid"] = _as_float(models["fid"](str(pred_dir), str(gt_dir), verbose=False))
+                set_values["fid"] = _fid_on_pairs(models["fid"], fid_pairs)
             except Exception as e:
                 unavailable["fid"] = _reason(e) + (
                     f" ({_WEIGHTS_HINT})" if isinstance(e, (OSError, ImportError)) else ""
@@ -571,9 +645,12 @@ def evaluate(
         "pred_dir": os.fspath(pred_dir),
         "gt_dir": None if gt_dir is None else os.fspath(gt_dir),
         "metrics": names,
-        "crop_border": crop_border,
-        "color_space": color_space,
-        "test_y_channel": test_y,
+        "convention": convention,
+        "crop_border": 0 if convention == "pyiqa" else crop_border,
+        "color_space": "y" if convention == "pyiqa" else color_space,
+        "test_y_channel": True if convention == "pyiqa" else test_y,
+        "crop_to_scale": crop_to_scale,
+        "set_metric_pairs": len(fid_pairs),
         "lpips_variant": {n: LPIPS_NETS[n] for n in names if n in LPIPS_NETS} or None,
         "pyiqa_metric_names": {n: PYIQA_NAMES[n] for n in iqa_names},
         "device": device_str,
@@ -606,20 +683,26 @@ def _evaluate_pair(
     device,
     max_pixels: int | None,
     log: Callable[[str], None],
+    pixel_fns: dict[str, Any] | None = None,
+    crop_to_scale: int | None = None,
 ) -> dict[str, float]:
     pred = read_image(pred_path, max_pixels=max_pixels)
     gt = read_image(gt_path, max_pixels=max_pixels) if gt_path is not None else None
     if gt is not None:
+        dh, dw = gt.height - pred.height, gt.width - pred.width
+        if crop_to_scale and 0 <= dh < crop_to_scale and 0 <= dw < crop_to_scale and (dh or dw):
+            gt = ImageData(gt.pixels[: pred.height, : pred.width], None, gt.bit_depth, gt.format)
         if (pred.height, pred.width) != (gt.height, gt.width):
-            raise ImageError(
-                f"size mismatch: {pred_path} is {pred.width}x{pred.height}, {gt_path} is {gt.width}x{gt.height}"
+            hint = (
+                " (--crop-to-scale SCALE crops an HR that is not a multiple of the scale)"
+                if dh >= 0 and dw >= 0
+                else ""
             )
-        if pred.channels != gt.channels:
-
-            def kind(im: ImageData) -> str:
-                return "gray" if im.is_gray else "RGB"
-
-            raise ImageError(f"channel mismatch: {pred_path} is {kind(pred)}, {gt_path} is {kind(gt)}")
+            raise ImageError(
+                f"size mismatch: {pred_path} is {pred.width}x{pred.height}, {gt_path} is {gt.width}x{gt.height}{hint}"
+            )
+        if pred.channels != gt.channels:  # gray vs RGB: compared as RGB
+            pred, gt = _as_rgb(pred), _as_rgb(gt)
     values: dict[str, float] = {}
     if pixel:
         assert gt is not None
@@ -627,6 +710,14 @@ def _evaluate_pair(
         for name in pixel:
             fn = psnr if name == "psnr" else ssim
             try:
+                if pixel_fns is not None:
+                    import torch
+
+                    with torch.no_grad():
+                        values[name] = _as_float(
+                            pixel_fns[name](_to_tensor(pred, "cpu"), _to_tensor(gt, "cpu"))
+                        )
+                    continue
                 values[name] = fn(a, b, crop_border=crop_border, test_y_channel=test_y)
             except ConfigError as e:
                 msg = str(e).split(": ", 1)[-1]
