@@ -24,12 +24,14 @@ so all per-image means are over the same images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,7 +498,8 @@ def _load_pyiqa(
         return models, {n: f"pyiqa cannot be imported ({_reason(e)})" for n in names}
     for name in names:
         try:
-            models[name] = pyiqa.create_metric(PYIQA_NAMES[name], device=device, as_loss=False)
+            with contextlib.redirect_stdout(sys.stderr):  # pyiqa prints "Downloading: ..." on stdout
+                models[name] = pyiqa.create_metric(PYIQA_NAMES[name], device=device, as_loss=False)
         except (OSError, ImportError) as e:
             unavailable[name] = f"{_reason(e)} ({_WEIGHTS_HINT})"
         except Exception as e:
@@ -633,7 +636,8 @@ def evaluate(
             unavailable["fid"] = f"needs at least 2 image pairs, got {len(fid_pairs)}"
         else:
             try:
-                set_values["fid"] = _fid_on_pairs(models["fid"], fid_pairs)
+                with contextlib.redirect_stdout(sys.stderr):
+                    set_values["fid"] = _fid_on_pairs(models["fid"], fid_pairs)
             except Exception as e:
                 unavailable["fid"] = _reason(e) + (
                     f" ({_WEIGHTS_HINT})" if isinstance(e, (OSError, ImportError)) else ""
@@ -731,7 +735,8 @@ def _evaluate_pair(
             y = _to_tensor(gt, device) if gt is not None else None
             for name in active:
                 try:
-                    out = models[name](x, y) if name in FULL_REFERENCE else models[name](x)
+                    with contextlib.redirect_stdout(sys.stderr):  # lazy weight downloads print too
+                        out = models[name](x, y) if name in FULL_REFERENCE else models[name](x)
                     values[name] = _as_float(out)
                     used.add(name)
                 except (OSError, ImportError) as e:
