@@ -475,3 +475,25 @@ def test_pyiqa_convention_matches_its_definition(tmp_path, capsys):
     assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr", "--convention", "pyiqa",
                  "-q"]) == 0  # fmt: skip
     assert "| psnr (pyiqa: Y of YCbCr, no crop) ↑ |" in capsys.readouterr().out
+
+
+def test_maniqa_variant_is_named(folders, monkeypatch, capsys):
+    """MANIQA has one model per training set; the table and summary say which one ran."""
+    pred, gt, _ = folders
+    fake_pyiqa(monkeypatch)
+    cfgs = types.ModuleType("pyiqa.default_model_configs")
+    cfgs.DEFAULT_CONFIGS = {"maniqa": {"metric_opts": {"train_dataset": "koniq"}},
+                            "maniqa-pipal": {"metric_opts": {"train_dataset": "pipal"}}}  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pyiqa.default_model_configs", cfgs)
+    r = evaluate(pred, gt, "maniqa,maniqa-pipal", device="cpu")
+    assert r.settings["pyiqa_training_sets"] == {"maniqa": "koniq", "maniqa-pipal": "pipal"}
+    md = r.markdown()
+    assert "| maniqa (koniq) ↑ |" in md and "| maniqa-pipal (pipal) ↑ |" in md
+    monkeypatch.undo()  # the installed pyiqa's own table, when there is one
+    pytest.importorskip("pyiqa.default_model_configs")
+    from diffsr.metrics.evaluate import _training_sets
+
+    assert _training_sets(["maniqa-pipal", "maniqa-kadid"]) == {
+        "maniqa-pipal": "pipal",
+        "maniqa-kadid": "kadid",
+    }

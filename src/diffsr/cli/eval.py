@@ -7,7 +7,9 @@ import sys
 
 from ._args import nonneg_int, positive_int
 
-_METRIC_NAMES = "psnr, ssim, lpips, lpips-vgg, dists, fid, niqe, musiq, maniqa, clipiqa"
+_METRIC_NAMES = (
+    "psnr, ssim, lpips, lpips-vgg, dists, fid, niqe, musiq, maniqa, maniqa-pipal, maniqa-kadid, clipiqa"
+)
 
 
 def register(sub) -> None:

@@ -70,6 +70,8 @@ METRICS: tuple[str, ...] = (
     "niqe",
     "musiq",
     "maniqa",
+    "maniqa-pipal",
+    "maniqa-kadid",
     "clipiqa",
 )
 """Every metric name `evaluate` knows (also the CLI names and the CSV column names)."""
@@ -83,13 +85,17 @@ PYIQA_NAMES: dict[str, str] = {
     "niqe": "niqe",
     "musiq": "musiq",
     "maniqa": "maniqa",
+    "maniqa-pipal": "maniqa-pipal",
+    "maniqa-kadid": "maniqa-kadid",
     "clipiqa": "clipiqa",
 }
-"""diffsr metric name -> the pyiqa ``create_metric`` name it runs."""
+"""diffsr metric name -> the pyiqa ``create_metric`` name it runs. MANIQA has one model per training set
+(KonIQ-10k, PIPAL, KADID-10k); plain ``maniqa`` is whatever the installed pyiqa defaults to (KonIQ in
+pyiqa 0.1.16), and the table names the training set of the one that ran."""
 
 FULL_REFERENCE = frozenset({"psnr", "ssim", "lpips", "lpips-vgg", "dists"})
 SET_METRICS = frozenset({"fid"})  # one value for the whole folder pair; needs the gt folder
-NO_REFERENCE = frozenset({"niqe", "musiq", "maniqa", "clipiqa"})
+NO_REFERENCE = frozenset({"niqe", "musiq", "maniqa", "maniqa-pipal", "maniqa-kadid", "clipiqa"})
 LOWER_BETTER: dict[str, bool] = {
     "psnr": False,
     "ssim": False,
@@ -100,6 +106,8 @@ LOWER_BETTER: dict[str, bool] = {
     "niqe": True,
     "musiq": False,
     "maniqa": False,
+    "maniqa-pipal": False,
+    "maniqa-kadid": False,
     "clipiqa": False,
 }
 """Direction of each metric (pyiqa's ``lower_better`` replaces it for a metric that loads)."""
@@ -370,7 +378,8 @@ class EvalReport:
                 cell = repr(v)
             else:
                 cell = f"{v:.2f}" if m == "psnr" else f"{v:.4f}"
-            label = f"{m}{tag}" if m in PIXEL_METRICS else m
+            variant = (self.settings.get("pyiqa_training_sets") or {}).get(m)
+            label = f"{m}{tag}" if m in PIXEL_METRICS else (f"{m} ({variant})" if variant else m)
             lines.append(f"| {label} {arrow} | {cell} | {counts[m]} |")
         return "\n".join(lines) + "\n"
 
@@ -423,6 +432,20 @@ def _to_255(img: ImageData) -> np.ndarray:
     if img.bit_depth == 16:
         return np.rint(p * 65535.0) / 65535.0 * 255.0
     return np.rint(p * 255.0)
+
+
+def _training_sets(names: list[str]) -> dict[str, str]:
+    """The dataset each named learned metric was trained on, from pyiqa's own model table."""
+    try:
+        from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    except ImportError:
+        return {}
+    out = {}
+    for n in names:
+        ds = DEFAULT_CONFIGS.get(PYIQA_NAMES[n], {}).get("metric_opts", {}).get("train_dataset")
+        if ds:
+            out[n] = str(ds)
+    return out
 
 
 def _as_rgb(img: ImageData) -> ImageData:
@@ -657,6 +680,7 @@ def evaluate(
         "set_metric_pairs": len(fid_pairs),
         "lpips_variant": {n: LPIPS_NETS[n] for n in names if n in LPIPS_NETS} or None,
         "pyiqa_metric_names": {n: PYIQA_NAMES[n] for n in iqa_names},
+        "pyiqa_training_sets": _training_sets([n for n in iqa_names if n.startswith("maniqa")]) or None,
         "device": device_str,
     }
     return EvalReport(
