@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from ._args import nonneg_float, nonneg_int, positive_float, positive_int, quiet_libraries, unit_float
 
@@ -121,6 +121,9 @@ def register(sub) -> None:
     r.add_argument(
         "--max-pixels", type=positive_int, default=1 << 24, help="refuse inputs above this many pixels"
     )
+    r.add_argument("--no-io-overlap", action="store_true",
+                   help="read and write images on the main thread (default: the next image is decoded and "
+                   "finished ones are encoded on background threads while the model works)")  # fmt: skip
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument("-v", "--verbose", action="store_true", help="print per-image details")
     u.set_defaults(func=run)
@@ -135,10 +138,9 @@ def _fmt(v) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from ..errors import DiffSRError
-    from ..io import find_images, output_path, probe_alpha, read_image, write_image
+    from ..io import find_images, output_path, probe_alpha
 
     method_opts = {}
     for dest, (method, key) in METHOD_OPTIONS.items():
@@ -180,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"diffsr: error: {bad}", file=sys.stderr)
         return 2
-    todo, skipped, claimed = [], 0, {}
-    failed: list[tuple[Path, str]] = []
+    claimed: dict[Path, Path] = {}
+    entries: list[tuple[Path, PurePath, Path, str | None]] = []  # every input, in order, with its problem
     planned = []
     for src, rel in jobs:
         try:  # the name the result will really get (alpha never goes to JPEG), read from the header
@@ -196,13 +198,24 @@ def run(args: argparse.Namespace) -> int:
                if not (s.resolve() in outputs and s.resolve() not in named and d.resolve() != s.resolve())]  # fmt: skip
     inputs = {src.resolve() for src, _, _ in planned}
     for src, rel, dst in planned:
+        problem = None
         if dst.resolve() in inputs:
-            failed.append((src, f"{src}: the output would replace an input (use --suffix or another -o)"))
+            problem = f"{src}: the output would replace an input (use --suffix or another -o)"
+        elif dst in claimed:  # a.png and a.jpg in one folder would write the same file
+            problem = f"{src}: output {dst} is already taken by {claimed[dst]} (use --ext input)"
+        else:
+            claimed[dst] = src
+        entries.append((src, rel, dst, problem))
+
+    # several processes (accelerate launch / torchrun): input i belongs to process i mod N, whatever
+    # exists already, so every process agrees on the split and a restarted run resumes by skipping
+    shard = _Shard.from_env(args.device)
+    mine = entries[shard.rank :: shard.world]
+    failed: list[tuple[Path, str]] = [(src, problem) for src, _, _, problem in mine if problem]
+    todo, skipped = [], 0
+    for src, rel, dst, problem in mine:
+        if problem:
             continue
-        if dst in claimed:  # a.png and a.jpg in one folder would write the same file
-            failed.append((src, f"{src}: output {dst} is already taken by {claimed[dst]} (use --ext input)"))
-            continue
-        claimed[dst] = src
         if dst.exists() and not args.overwrite:
             skipped += 1
             if args.verbose:
@@ -211,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         todo.append((src, rel))
     for _, msg in failed:
         print(f"error: {msg}", file=sys.stderr)
-    if not todo:
+    if not todo and shard.world == 1:
         if not failed:
             print(
                 f"diffsr: all {skipped} outputs exist; nothing to do (--overwrite to replace)",
@@ -219,38 +232,72 @@ def run(args: argparse.Namespace) -> int:
             )
         return 1 if failed else 0
 
-    quiet_libraries()
-    from ..api import load
-
-    t0 = time.perf_counter()
-    extra = {"de_net": args.de_net} if args.method == "s3diff" else {}
-    up = load(
-        args.method, weights=args.weights, base=args.base, device=args.device, dtype=args.dtype, **extra
-    )
-    if args.verbose:
-        print(f"loaded {up!r} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    options = dict(
-        color_fix=args.color_fix,
-        tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap,
-        tile_batch=args.tile_batch,
-        vae_encoder_tile=args.vae_encoder_tile,
-        vae_decoder_tile=args.vae_decoder_tile,
-        vae_offload=args.vae_offload,
-        sample_posterior=args.sample_posterior,
-        seed=args.seed,
-    )
-    options.update(method_opts)
-    options = {k: v for k, v in options.items() if v is not None}  # unset: the method's own default
-
     written = 0
-    bar = tqdm(todo, unit="img", disable=args.quiet, dynamic_ncols=True)
+    interrupted = False
+    total = shard.total(len(todo))  # every process takes part, even one with nothing to do
+    if todo:
+        quiet_libraries()
+        from ..api import load
+
+        t0 = time.perf_counter()
+        extra = {"de_net": args.de_net} if args.method == "s3diff" else {}
+        up = load(args.method, weights=args.weights, base=args.base, device=shard.device or args.device,
+                  dtype=args.dtype, **extra)  # fmt: skip
+        if args.verbose:
+            print(f"loaded {up!r} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        options = dict(
+            color_fix=args.color_fix,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            tile_batch=args.tile_batch,
+            vae_encoder_tile=args.vae_encoder_tile,
+            vae_decoder_tile=args.vae_decoder_tile,
+            vae_offload=args.vae_offload,
+            sample_posterior=args.sample_posterior,
+            seed=args.seed,
+        )
+        options.update(method_opts)
+        options = {k: v for k, v in options.items() if v is not None}  # unset: the method's own default
+        written, interrupted = _process(args, up, todo, outdir, ext, options, failed, shard, total)
+    if interrupted:
+        print(f"diffsr: interrupted; {written} written, {len(failed)} failed", file=sys.stderr)
+        return 130
+    written, skipped, failed = shard.gather(written, skipped, failed)
+    if shard.rank != 0:
+        return 1 if failed else 0
+    summary = f"{written} written, {skipped} skipped (exist), {len(failed)} failed"
+    if shard.world > 1:
+        summary += f" ({shard.world} processes)"
+    print(summary, file=sys.stderr)
+    if failed:
+        for src, msg in failed:
+            print(f"  failed: {msg if str(src) in msg else f'{src}: {msg}'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) -> tuple[int, bool]:
+    """Upscale `todo` in order; the next image is read and the finished ones are written on
+    background threads while the model works (unless --no-io-overlap). Returns (written,
+    interrupted); failures are appended to `failed`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from ..errors import DiffSRError
+    from ..io import output_path, read_image, write_image
+
+    overlap = not args.no_io_overlap
+    reader = ThreadPoolExecutor(1, thread_name_prefix="diffsr-read") if overlap else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="diffsr-write") if overlap else None
+    bar = tqdm(total=total, unit="img", disable=args.quiet or shard.rank != 0, dynamic_ncols=True)
     tile_bar = None
+    written = 0
+    pending: list = []  # (src, future of the write)
 
     def progress(ev: dict) -> None:
         nonlocal tile_bar
-        if args.quiet or ev.get("total", 1) <= 1:
+        if args.quiet or shard.rank != 0 or ev.get("total", 1) <= 1:
             return
         if tile_bar is None:
             tile_bar = tqdm(total=ev["total"], unit=ev.get("unit", "tile"), leave=False, position=1,
@@ -258,49 +305,155 @@ def run(args: argparse.Namespace) -> int:
         tile_bar.n = ev["done"]
         tile_bar.refresh()
 
+    def read(src):
+        return read_image(src, max_pixels=args.max_pixels)
+
+    def record(src, exc: BaseException) -> None:
+        msg = str(exc) if isinstance(exc, DiffSRError) else f"{src}: {type(exc).__name__}: {exc}"
+        failed.append((src, msg))
+        tqdm.write(f"error: {msg}", file=sys.stderr)
+
+    def settle(block: bool) -> None:
+        nonlocal written
+        keep = []
+        for src, fut in pending:
+            if block or fut.done():
+                try:
+                    fut.result()
+                    written += 1
+                    shard.count_done(bar)
+                except Exception as e:
+                    record(src, e)
+                    shard.count_done(bar)
+            else:
+                keep.append((src, fut))
+        pending[:] = keep
+
     previous = _sigterm_as_interrupt()  # a killed batch stops like Ctrl-C: no temporary file left behind
     try:
-        for src, rel in bar:
+        nxt = reader.submit(read, todo[0][0]) if reader else None
+        for i, (src, rel) in enumerate(todo):
             bar.set_postfix_str(str(rel), refresh=False)
             try:
-                img = read_image(src, max_pixels=args.max_pixels)
+                img = nxt.result() if reader else read(src)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                img = e
+            if reader and i + 1 < len(todo):
+                nxt = reader.submit(read, todo[i + 1][0])  # decode the next one while this one runs
+            try:
+                if isinstance(img, BaseException):
+                    raise img
                 t = time.perf_counter()
                 out, info = up.process(img, outscale=args.outscale, progress=progress, **options)
                 dst = output_path(
                     outdir, rel, src, ext=ext, has_alpha=out.alpha is not None, suffix=args.suffix
                 )
-                write_image(dst, out, overwrite=args.overwrite)
-                written += 1
                 if args.verbose:
                     details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items())
                     tqdm.write(f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
                                f"{time.perf_counter() - t:.1f} s; {details})", file=sys.stderr)  # fmt: skip
+                if writer:
+                    pending.append((src, writer.submit(write_image, dst, out, overwrite=args.overwrite)))
+                else:
+                    write_image(dst, out, overwrite=args.overwrite)
+                    written += 1
+                    shard.count_done(bar)
             except KeyboardInterrupt:
                 raise
-            except DiffSRError as e:
-                failed.append((src, str(e)))
-                tqdm.write(f"error: {e}", file=sys.stderr)
             except Exception as e:  # a broken image must not end the batch
-                failed.append((src, f"{type(e).__name__}: {e}"))
-                tqdm.write(f"error: {src}: {type(e).__name__}: {e}", file=sys.stderr)
+                record(src, e)
+                shard.count_done(bar)
             finally:
                 if tile_bar is not None:
                     tile_bar.close()
                     tile_bar = None
+            settle(block=False)
+        settle(block=True)
+        shard.wait_bar(bar)
     except KeyboardInterrupt:
+        for ex in (reader, writer):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)  # a write under way finishes (atomically)
         bar.close()
-        print(f"diffsr: interrupted; {written} written, {len(failed)} failed", file=sys.stderr)
-        return 130
+        return written, True
     finally:
         _restore_sigterm(previous)
+        for ex in (reader, writer):
+            if ex is not None:
+                ex.shutdown(wait=True)
     bar.close()
-    summary = f"{written} written, {skipped} skipped (exist), {len(failed)} failed"
-    print(summary, file=sys.stderr)
-    if failed:
-        for src, msg in failed:
-            print(f"  failed: {msg if str(src) in msg else f'{src}: {msg}'}", file=sys.stderr)
-        return 1
-    return 0
+    return written, False
+
+
+class _Shard:
+    """This process's place among the processes of an `accelerate launch` / `torchrun` run (one process:
+    rank 0 of 1, and nothing is initialised). The processes count finished images in the process group's
+    key-value store, so rank 0's bar shows the whole run, and exchange their results at the end."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device=None, store=None):
+        self.rank, self.world, self.device, self.store = rank, world, device, store
+
+    @classmethod
+    def from_env(cls, device: str | None) -> _Shard:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        store = None
+        try:
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+        except Exception:  # no shared counter: rank 0's bar then counts its own share
+            store = None
+        return cls(state.process_index, state.num_processes, device or str(state.device), store)
+
+    def total(self, mine: int) -> int:
+        if self.world == 1:
+            return mine
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([mine], dtype=torch.int64, device=self.device)  # NCCL needs it on the GPU
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def count_done(self, bar) -> None:
+        if self.store is not None:
+            done = self.store.add("diffsr_upscale_done", 1)
+            if self.rank == 0:
+                bar.n = done
+                bar.refresh()
+        else:
+            bar.update(1)
+
+    def wait_bar(self, bar) -> None:
+        """Rank 0 keeps its bar moving until every process has finished its share."""
+        if self.store is None or self.rank != 0 or bar.disable:
+            return
+        while True:
+            done = self.store.add("diffsr_upscale_done", 0)
+            bar.n = done
+            bar.refresh()
+            if done >= bar.total:
+                return
+            time.sleep(0.2)
+
+    def gather(self, written: int, skipped: int, failed: list) -> tuple[int, int, list]:
+        """Totals over every process (each process gets them, so all exit with the same status)."""
+        if self.world == 1:
+            return written, skipped, failed
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(written, skipped, [(str(s), m) for s, m in failed])])
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts),
+                [(Path(s), m) for p in parts for s, m in p[2]])  # fmt: skip
 
 
 def _sigterm_as_interrupt():
