@@ -126,7 +126,11 @@ def _load_part(folder: Path, sub: str, load):
     line naming the sub-folder and the fix, instead of the library's traceback."""
     try:
         return load()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:
+        # safetensors' and pickle's own error types are not OSErrors; anything else is a real bug
+        ours = isinstance(e, (OSError, ValueError, RuntimeError, KeyError))
+        if not ours and type(e).__module__.split(".")[0] not in ("safetensors", "pickle", "_pickle", "json"):
+            raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         reason = lines[0] if lines else type(e).__name__
         if len(reason) > 300:
@@ -135,13 +139,6 @@ def _load_part(folder: Path, sub: str, load):
             f"{folder / sub}: cannot load the base model's {sub} ({type(e).__name__}: {reason}); "
             "re-download it, or pass --base a complete diffusers folder"
         ) from None
-    except Exception as e:  # safetensors' own error types (e.g. a header too large) are not OSErrors
-        if type(e).__module__.split(".")[0] in ("safetensors", "pickle", "_pickle", "json"):
-            raise WeightsNotFoundError(
-                f"{folder / sub}: cannot load the base model's {sub} ({type(e).__name__}: {e}); "
-                "re-download it, or pass --base a complete diffusers folder"
-            ) from None
-        raise
 
 
 def load_sd_parts(

@@ -735,6 +735,8 @@ def _evaluate_pair(
     if pixel:
         assert gt is not None
         a, b = _to_255(pred), _to_255(gt)
+        # pyiqa's convention: both images as tensors once per pair, for every pixel metric
+        ta, tb = (_to_tensor(pred, "cpu"), _to_tensor(gt, "cpu")) if pixel_fns is not None else (None, None)
         for name in pixel:
             fn = psnr if name == "psnr" else ssim
             try:
@@ -742,9 +744,7 @@ def _evaluate_pair(
                     import torch
 
                     with torch.no_grad():
-                        values[name] = _as_float(
-                            pixel_fns[name](_to_tensor(pred, "cpu"), _to_tensor(gt, "cpu"))
-                        )
+                        values[name] = _as_float(pixel_fns[name](ta, tb))
                     continue
                 values[name] = fn(a, b, crop_border=crop_border, test_y_channel=test_y)
             except ConfigError as e:

@@ -18,7 +18,14 @@ import torch
 from diffsr.errors import ConfigError, ImageError
 from diffsr.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images, read_image
 
-__all__ = ["HQImageDataset", "PairedImageDataset", "read_caption", "resolve_pairs", "resolve_sources"]
+__all__ = [
+    "HQImageDataset",
+    "PairedImageDataset",
+    "fit_pair",
+    "read_caption",
+    "resolve_pairs",
+    "resolve_sources",
+]
 
 
 def resolve_sources(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -190,21 +197,23 @@ class HQImageDataset(torch.utils.data.Dataset):
             return None
         return pixels
 
-    def __getitem__(self, i: int) -> dict:
+    def _first_usable(self, i: int) -> tuple[int, int, object]:
+        """(i normalised, the index j ≥ i (wrapping) of the first usable item, what `_load(j)` gave)."""
         n = len(self.paths)
         i = int(i)
         if i < 0:
             i += n
         if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} training images")
+            raise IndexError(f"index {i} out of range for {n} training items")
         for k in range(n):
             j = (i + k) % n
-            pixels = self._load(j)
-            if pixels is not None:
-                break
-        else:
-            raise ConfigError(f"none of the {n} training images is usable (see the warnings above)")
+            loaded = self._load(j)
+            if loaded is not None:
+                return i, j, loaded
+        raise ConfigError(f"none of the {n} training items is usable (see the warnings above)")
 
+    def __getitem__(self, i: int) -> dict:
+        i, j, pixels = self._first_usable(i)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         c = self.crop_size
         arr = _pad_to(pixels, c)
@@ -287,6 +296,15 @@ def _read_pair_list(list_file: Path, shown: str) -> list[tuple[Path, Path]]:
     return out
 
 
+def fit_pair(lr: np.ndarray, hr: np.ndarray, scale: int, lr_path: Path) -> np.ndarray:
+    """The HR (H, W, C) cropped to exactly `scale` × the LR's size (an HR up to scale−1 pixels larger is
+    accepted); ImageError naming the LR file when it is not that size."""
+    (lh, lw), (hh, hw) = lr.shape[:2], hr.shape[:2]
+    if not (lh * scale <= hh < (lh + 1) * scale and lw * scale <= hw < (lw + 1) * scale):
+        raise ImageError(f"HR {hw}x{hh} is not {scale}x its LR {lr_path} ({lw}x{lh})")
+    return hr[: lh * scale, : lw * scale]
+
+
 def _chw(a: np.ndarray) -> torch.Tensor:
     """(H, W, 1|3) float array → (3, H, W) float32 tensor (gray replicated)."""
     a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
@@ -342,24 +360,14 @@ class PairedImageDataset(HQImageDataset):
         except (ImageError, OSError, ValueError) as e:
             self._skip(j, f"unreadable pair ({e})")
             return None
-        s = self.scale
-        (lh, lw), (hh, hw) = lr.shape[:2], hr.shape[:2]
-        if not (lh * s <= hh < (lh + 1) * s and lw * s <= hw < (lw + 1) * s):
-            self._skip(j, f"HR {hw}x{hh} is not {s}x its LR {lr_path} ({lw}x{lh})")
+        try:
+            return lr, fit_pair(lr, hr, self.scale, lr_path)
+        except ImageError as e:
+            self._skip(j, str(e))
             return None
-        return lr, hr[: lh * s, : lw * s]
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self.paths)
-        i = int(i) % n
-        for k in range(n):
-            j = (i + k) % n
-            loaded = self._load(j)
-            if loaded is not None:
-                break
-        else:
-            raise ConfigError(f"none of the {n} training pairs is usable (see the warnings above)")
-        lr, hr = loaded
+        i, j, (lr, hr) = self._first_usable(i)
         s, c = self.scale, self.crop_size
         rng = np.random.default_rng([self.seed, self.epoch, i])
         lr, hr = _pad_pair(lr, hr, c // s, s)

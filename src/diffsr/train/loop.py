@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageError
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -482,7 +482,7 @@ def _validation_set(
     degraded by the training preset with a fixed seed per image."""
     from ..io import find_images, read_image
     from ..pairs import degrade_image, image_seed
-    from .data import _pad_pair, resolve_pairs, resolve_sources
+    from .data import _pad_pair, fit_pair, resolve_pairs, resolve_sources
 
     s = cfg.val_crop
     pairs = cfg.val_pairs or (cfg.pairs if fallback_to_training and not cfg.val_data else None)
@@ -493,13 +493,11 @@ def _validation_set(
         scale = cfg.pair_scale
         for lr_p, hr_p in resolve_pairs(pairs)[: cfg.val_count]:
             lr = rgb(read_image(lr_p, max_pixels=None).pixels)
-            hr = rgb(read_image(hr_p, max_pixels=None).pixels)
-            (lh, lw), (hh, hw) = lr.shape[:2], hr.shape[:2]
-            if not (lh * scale <= hh < (lh + 1) * scale and lw * scale <= hw < (lw + 1) * scale):
-                raise ConfigError(
-                    f"validation pair {hr_p}: HR {hw}x{hh} is not {scale}x its LR {lr_p} ({lw}x{lh})"
-                )
-            lr, hr = _pad_pair(lr, hr[: lh * scale, : lw * scale], s // scale, scale)
+            try:
+                hr = fit_pair(lr, rgb(read_image(hr_p, max_pixels=None).pixels), scale, lr_p)
+            except ImageError as e:
+                raise ConfigError(f"validation pair {hr_p}: {e}") from None
+            lr, hr = _pad_pair(lr, hr, s // scale, scale)
             y, x = (lr.shape[0] - s // scale) // 2, (lr.shape[1] - s // scale) // 2
             lr = lr[y : y + s // scale, x : x + s // scale]
             hr = hr[y * scale : y * scale + s, x * scale : x * scale + s]

@@ -153,7 +153,7 @@ class S3DiffTrainer:
 
         cfg, m, n = self.cfg, self.model, len(batches)
         self.acc.gradient_state._set_sync_gradients(True)  # optimizer steps are ours to place
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"negatives": 0.0}  # a count; the losses are means over the micro-batches
 
         def add(**vals):
             for k, v in vals.items():
@@ -175,7 +175,8 @@ class S3DiffTrainer:
                 loss_l2 = F.mse_loss(pred.float(), target.float()) * cfg.lambda_l2
                 loss_lpips = self.lpips(pred.float(), target.float()).mean() * cfg.lambda_lpips
                 self.acc.backward(loss_l2 + loss_lpips)
-            add(negatives=float(neg.sum()) * n, loss_l2=loss_l2.item(), loss_lpips=loss_lpips.item())
+            sums["negatives"] += float(neg.sum())
+            add(loss_l2=loss_l2.item(), loss_lpips=loss_lpips.item())
         self._g_step()
         if cfg.lambda_gan > 0:
             disc = self.acc.unwrap_model(self.disc)
