@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffsr.cli import main
 from diffsr.errors import ConfigError
-from diffsr.metrics import evaluate, pair_folders, psnr, ssim
+from diffsr.metrics import evaluate, pair_folders, parse_metrics, psnr, ssim
 
 
 def save(path, arr):
@@ -283,17 +283,17 @@ def test_mocked_metrics_land_in_their_cells(folders, monkeypatch, tmp_path):
 def test_no_reference_without_gt(folders, monkeypatch, tmp_path, capsys):
     pred, _, arrays = folders
     fake_pyiqa(monkeypatch)
-    r = evaluate(pred, None, device="cpu")  # default: the no-reference metrics
-    assert r.metrics == ["niqe", "musiq", "maniqa", "clipiqa"]
+    assert parse_metrics(None, has_gt=False) == ["niqe", "musiq", "maniqa", "clipiqa"]
+    r = evaluate(pred, None, "musiq,maniqa,clipiqa", device="cpu")  # niqe: see test_niqe.py
     assert [k for k, _ in r.rows] == ["0001", "extra", "sub/0002", "sub/deep/0003"]
-    assert r.rows[0][1]["niqe"] == pytest.approx(arrays["0001"][0].mean() / 255.0, abs=1e-6)
+    assert r.rows[0][1]["musiq"] == pytest.approx(arrays["0001"][0].mean() / 255.0, abs=1e-6)
     assert r.unmatched == {"pred": [], "gt": []}
 
-    rc = main(["eval", "--pred", str(pred), "-q", "--metrics", "niqe,clipiqa", "-o", str(tmp_path / "o")])
+    rc = main(["eval", "--pred", str(pred), "-q", "--metrics", "musiq,clipiqa", "-o", str(tmp_path / "o")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| niqe ↓ |" in out and "| clipiqa ↑ |" in out
-    assert read_csv(tmp_path / "o" / "metrics.csv")[0] == ["image", "niqe", "clipiqa"]
+    assert "| musiq ↑ |" in out and "| clipiqa ↑ |" in out
+    assert read_csv(tmp_path / "o" / "metrics.csv")[0] == ["image", "musiq", "clipiqa"]
 
 
 def test_unavailable_metric_offline_mocked(folders, monkeypatch, tmp_path, capsys):
@@ -363,17 +363,17 @@ def test_metric_error_on_one_image_fails_that_pair(folders, monkeypatch):
         return m
 
     fake.create_metric = create
-    r = evaluate(pred, gt, "psnr,niqe", device="cpu")
+    r = evaluate(pred, gt, "psnr,musiq", device="cpu")
     assert r.count == 2 and list(r.failed) == ["sub/0002"]
-    assert "niqe" in r.failed["sub/0002"] and "image too small" in r.failed["sub/0002"]
-    assert created["niqe"].calls == 3
+    assert "musiq" in r.failed["sub/0002"] and "image too small" in r.failed["sub/0002"]
+    assert created["musiq"].calls == 3
 
 
 def test_pyiqa_not_installed(folders, monkeypatch):
     pred, gt, _ = folders
     monkeypatch.setitem(sys.modules, "pyiqa", None)
-    r = evaluate(pred, gt, "psnr,lpips,niqe", device="cpu")
-    assert set(r.unavailable) == {"lpips", "niqe"}
+    r = evaluate(pred, gt, "psnr,lpips,clipiqa", device="cpu")
+    assert set(r.unavailable) == {"lpips", "clipiqa"}
     assert all("pip install diffsr[metrics]" in v for v in r.unavailable.values())
     assert r.count == 3 and all("psnr" in v for _, v in r.rows)
 

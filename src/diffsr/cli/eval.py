@@ -49,10 +49,13 @@ def register(sub) -> None:
     e.add_argument("--convention", choices=("basicsr", "pyiqa"), default="basicsr",
                    help="psnr/ssim as BasicSR computes them (default; 0-255 float, --crop-border, --color-space: "
                    "the PiSA-SR and S3Diff tables) or as pyiqa does (rounded Y of YCbCr, no crop: OSEDiff/SeeSR-"
-                   "style tables)")  # fmt: skip
+                   "style tables); NIQE on the Y of YCbCr (BasicSR, MATLAB) or of YIQ (pyiqa's niqe)")  # fmt: skip
     e.add_argument("--crop-to-scale", action="store_true",
                    help="crop a ground truth that is up to --scale-1 pixels larger than its prediction (an HR "
                    "whose size is not a multiple of the scale) to the prediction's size, top-left")  # fmt: skip
+    e.add_argument("--niqe-params", metavar="FILE",
+                   help="NIQE's pristine model: BasicSR's niqe_pris_params.npz or the MATLAB release's "
+                   "modelparameters.mat (default: $DIFFSR_NIQE_PARAMS, an installed BasicSR, pyiqa's cache)")  # fmt: skip
     e.add_argument("-o", "--output", metavar="REPORT_DIR", help="write metrics.csv and summary.json here")
     e.add_argument(
         "--device",
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         color_space=args.color_space,
         convention=args.convention,
         crop_to_scale=args.scale if args.crop_to_scale else None,
+        niqe_params=args.niqe_params,
         device=args.device,
         max_pixels=args.max_pixels,
         progress=not args.quiet,

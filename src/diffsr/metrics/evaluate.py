@@ -10,7 +10,10 @@ Metrics:
 * ``psnr``, ``ssim``: :mod:`diffsr.metrics.psnr_ssim` (BasicSR's definitions, float64), on the
   0-255 scale, with ``crop_border`` and on the Y channel (``color_space="y"``) or RGB;
 * ``lpips`` (AlexNet), ``lpips-vgg``, ``dists``: full-reference, through pyiqa;
-* ``niqe``, ``musiq``, ``maniqa``, ``clipiqa``: no-reference, through pyiqa, on the prediction;
+* ``niqe``: no-reference, :mod:`diffsr.metrics.niqe` (the MATLAB release's algorithm, float64), on
+  the Y of YCbCr (``convention="basicsr"``, as BasicSR) or of YIQ (``"pyiqa"``, as pyiqa's ``niqe``);
+  its pristine model is read from ``niqe_params`` or found by :func:`~diffsr.metrics.niqe.find_niqe_params`;
+* ``musiq``, ``maniqa``, ``clipiqa``: no-reference, through pyiqa, on the prediction;
 * ``fid``: one value for the two folders, pyiqa's FID of the prediction folder against the
   ground-truth folder (pyiqa lists and reads the folders itself, so every image file in them
   counts, matched or not).
@@ -42,6 +45,7 @@ import numpy as np
 from diffsr.errors import ConfigError, DiffSRError, ImageError
 from diffsr.io import DEFAULT_MAX_PIXELS, ImageData, find_images, read_image
 
+from .niqe import NiqeParams, find_niqe_params, load_niqe_params, niqe
 from .psnr_ssim import psnr, ssim
 
 __all__ = [
@@ -77,12 +81,12 @@ METRICS: tuple[str, ...] = (
 """Every metric name `evaluate` knows (also the CLI names and the CSV column names)."""
 
 PIXEL_METRICS: tuple[str, ...] = ("psnr", "ssim")
+NUMPY_NR_METRICS: tuple[str, ...] = ("niqe",)  # no-reference metrics computed here, not by pyiqa
 PYIQA_NAMES: dict[str, str] = {
     "lpips": "lpips",
     "lpips-vgg": "lpips-vgg",
     "dists": "dists",
     "fid": "fid",
-    "niqe": "niqe",
     "musiq": "musiq",
     "maniqa": "maniqa",
     "maniqa-pipal": "maniqa-pipal",
@@ -357,7 +361,7 @@ class EvalReport:
 
     def markdown(self) -> str:
         """A ``| metric | value | images |`` table, names with ↑ (higher is better) or ↓; psnr/ssim
-        carry their convention (basicsr: Y/RGB and the crop; pyiqa: its Y and no crop)."""
+        carry their convention (basicsr: Y/RGB and the crop; pyiqa: its Y and no crop), niqe its channel."""
         lines = ["| metric | value | images |", "|:-------|------:|-------:|"]
         mean = self.mean
         counts = self.counts()
@@ -379,6 +383,8 @@ class EvalReport:
             else:
                 cell = f"{v:.2f}" if m == "psnr" else f"{v:.4f}"
             variant = (self.settings.get("pyiqa_training_sets") or {}).get(m)
+            if m == "niqe":
+                variant = "Y of YIQ, as pyiqa" if conv == "pyiqa" else "Y of YCbCr, as MATLAB"
             label = f"{m}{tag}" if m in PIXEL_METRICS else (f"{m} ({variant})" if variant else m)
             lines.append(f"| {label} {arrow} | {cell} | {counts[m]} |")
         return "\n".join(lines) + "\n"
@@ -541,6 +547,7 @@ def evaluate(
     color_space: str = "y",
     convention: str = "basicsr",
     crop_to_scale: int | None = None,
+    niqe_params: str | os.PathLike | NiqeParams | None = None,
     device: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = False,
@@ -560,6 +567,11 @@ def evaluate(
     the top-left, as BasicSR's mod-crop does; None: sizes must match.
     Pairs: alpha is ignored (the colour channels are compared); a gray image paired with an RGB one
     is compared as RGB (the gray replicated). FID uses exactly the paired files.
+    ``niqe_params``: NIQE's pristine model, a file (BasicSR's ``niqe_pris_params.npz`` or the MATLAB
+    release's ``modelparameters.mat``) or loaded :class:`~diffsr.metrics.niqe.NiqeParams`; None looks
+    for one (``$DIFFSR_NIQE_PARAMS``, an installed BasicSR, pyiqa's cache) and reports NIQE as
+    unavailable when there is none. NIQE follows ``convention`` (Y of YCbCr, or pyiqa's Y of YIQ)
+    and never crops.
     ``device``: for the pyiqa metrics (None: CUDA when available). ``max_pixels``: passed to
     read_image. ``progress``: a tqdm bar on stderr. ``log``: called with one-line notes
     (unavailable metric, failed pair) as they happen.
@@ -589,6 +601,19 @@ def evaluate(
     device_str = str(dev) if dev is not None else "cpu"
 
     models, unavailable = _load_pyiqa(iqa_names, dev, log)
+    niqe_model: NiqeParams | None = None
+    if "niqe" in names:
+        if isinstance(niqe_params, NiqeParams):
+            niqe_model = niqe_params
+        elif niqe_params is not None:
+            niqe_model = load_niqe_params(niqe_params)  # a file the caller named must be usable
+        else:
+            try:
+                niqe_model = find_niqe_params()
+            except ConfigError as e:
+                unavailable["niqe"] = str(e)
+                log(f"niqe: unavailable: {e}")
+    niqe_space = "yiq" if convention == "pyiqa" else "ycbcr"
     if convention == "pyiqa":
         pixel_fns = _pyiqa_pixel_metrics([n for n in names if n in PIXEL_METRICS])
     else:
@@ -635,6 +660,8 @@ def evaluate(
                 log=log,
                 pixel_fns=pixel_fns,
                 crop_to_scale=crop_to_scale,
+                niqe_model=niqe_model,
+                niqe_space=niqe_space,
             )
         except KeyboardInterrupt:
             raise
@@ -679,6 +706,7 @@ def evaluate(
         "crop_to_scale": crop_to_scale,
         "set_metric_pairs": len(fid_pairs),
         "lpips_variant": {n: LPIPS_NETS[n] for n in names if n in LPIPS_NETS} or None,
+        "niqe": {"color_space": niqe_space, "params": niqe_model.source} if niqe_model is not None else None,
         "pyiqa_metric_names": {n: PYIQA_NAMES[n] for n in iqa_names},
         "pyiqa_training_sets": _training_sets([n for n in iqa_names if n.startswith("maniqa")]) or None,
         "device": device_str,
@@ -713,6 +741,8 @@ def _evaluate_pair(
     log: Callable[[str], None],
     pixel_fns: dict[str, Any] | None = None,
     crop_to_scale: int | None = None,
+    niqe_model: NiqeParams | None = None,
+    niqe_space: str = "ycbcr",
 ) -> dict[str, float]:
     pred = read_image(pred_path, max_pixels=max_pixels)
     gt = read_image(gt_path, max_pixels=max_pixels) if gt_path is not None else None
@@ -750,6 +780,11 @@ def _evaluate_pair(
             except ConfigError as e:
                 msg = str(e).split(": ", 1)[-1]
                 raise ImageError(f"{pred_path} vs {gt_path}: {name}: {msg}") from e
+    if niqe_model is not None:
+        try:
+            values["niqe"] = niqe(_to_255(pred), niqe_model, color_space=niqe_space)
+        except ConfigError as e:  # e.g. smaller than one 96x96 block
+            raise ImageError(f"{pred_path}: niqe: {e}") from e
     active = [n for n in iqa if n not in unavailable]
     if active:
         import torch
