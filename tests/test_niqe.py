@@ -199,7 +199,7 @@ def test_find_params_order_and_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(nq, "_candidates", lambda: [])
     with pytest.raises(ConfigError, match=nq.NIQE_PARAMS_ENV) as e:
         nq.find_niqe_params()
-    assert "--" not in str(e.value)  # the library names no CLI flag
+    assert "--niqe-params" not in str(e.value)  # the library names no diffsr CLI flag
 
 
 def test_pyiqa_cache_location_is_a_candidate(tmp_path, monkeypatch):
