@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from diffsr.cli import main
+from diffsr.errors import DiffSRError
 
 
 def run(args, tiny_sd_dir, pisa_dir):
@@ -172,3 +173,39 @@ def test_broken_base_folders_are_one_line_errors(damage, tmp_path, tiny_sd_dir, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1, err
     assert f"{base / 'unet'}: cannot load the base model's unet" in err[0] and "--base" in err[0]
+
+
+def test_library_errors_name_flags_in_the_cli_and_arguments_in_python(
+    tmp_path, tiny_sd_dir, capsys, monkeypatch
+):
+    """One message, two readers: the same failure names `weights=PATH` / `gt_dir` to a Python caller
+    and `--weights PATH` / `--gt` to a shell user, never the other's spelling."""
+    import diffsr
+    from diffsr.errors import WeightsNotFoundError
+    from diffsr.metrics import evaluate
+
+    monkeypatch.delenv("DIFFSR_PISA_WEIGHTS", raising=False)
+    _img(tmp_path / "a.png")
+    with pytest.raises(WeightsNotFoundError) as e:
+        diffsr.load("pisa", base=tiny_sd_dir, device="cpu")
+    assert "pass weights=PATH or set DIFFSR_PISA_WEIGHTS" in str(e.value) and "--" not in str(e.value)
+    assert (
+        main(
+            ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--base", str(tiny_sd_dir), "-q"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "pass --weights PATH or set DIFFSR_PISA_WEIGHTS" in err and "weights=" not in err
+
+    with pytest.raises(DiffSRError, match=r"\(gt_dir\)"):
+        evaluate(tmp_path, None, "psnr")
+    assert main(["eval", "--pred", str(tmp_path), "--metrics", "psnr"]) == 2
+    err = capsys.readouterr().err
+    assert "(--gt)" in err and "gt_dir" not in err
+
+    # `name=` in a library message becomes the command's flag: tile sizes checked by the API
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--base", str(tiny_sd_dir),
+                 "--weights", str(tmp_path / "none.pkl"), "--tile-size", "48", "--tile-overlap", "60", "-q"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--tile-overlap 60" in err and "tile_overlap=" not in err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsr.errors import CheckpointError, WeightsNotFoundError
+from diffsr.errors import CheckpointError, WeightsNotFoundError, cli_messages
 from diffsr.methods.pisa import PisaConfig, PiSASR, PisaWeights, RunOptions, preprocess
 from diffsr.sd import encode_prompts
 from diffsr.synthetic import random_sd_parts
@@ -214,7 +214,12 @@ def test_bad_checkpoints(tmp_path):
 
 def test_weights_missing_message(monkeypatch):
     monkeypatch.delenv("DIFFSR_PISA_WEIGHTS", raising=False)
-    with pytest.raises(WeightsNotFoundError, match="--weights PATH or set DIFFSR_PISA_WEIGHTS"):
+    with pytest.raises(WeightsNotFoundError, match="pass weights=PATH or set DIFFSR_PISA_WEIGHTS"):
+        PiSASR.from_pretrained(None, device="cpu")
+    with (
+        cli_messages(),
+        pytest.raises(WeightsNotFoundError, match="pass --weights PATH or set DIFFSR_PISA_WEIGHTS"),
+    ):
         PiSASR.from_pretrained(None, device="cpu")
 
 

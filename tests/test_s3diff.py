@@ -277,4 +277,4 @@ def test_missing_estimator_and_offline_hub(monkeypatch, tmp_path, s3diff_weights
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WeightsNotFoundError, match="zhangap/S3Diff/s3diff.pkl") as e:
         load("s3diff", base=tiny_sd_dir)
-    assert "--weights" in str(e.value) and "DIFFSR_S3DIFF_WEIGHTS" in str(e.value)
+    assert "pass weights=PATH or set DIFFSR_S3DIFF_WEIGHTS" in str(e.value) and "--" not in str(e.value)

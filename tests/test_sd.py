@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffsr.devices import resolve_device, resolve_dtype
-from diffsr.errors import ConfigError, WeightsNotFoundError
+from diffsr.errors import ConfigError, WeightsNotFoundError, cli_messages
 from diffsr.sd import alphas_cumprod_from_config, load_sd_parts, resolve_base
 from diffsr.synthetic import SCHEDULER
 
@@ -41,7 +41,16 @@ def test_hub_id_offline_error_names_flag_and_env(monkeypatch, tmp_path):
         resolve_base(None, default="stabilityai/stable-diffusion-2-1-base", env="DIFFSR_PISA_BASE")
     msg = str(e.value)
     assert "\n" not in msg
-    assert "stabilityai/stable-diffusion-2-1-base" in msg and "--base" in msg and "DIFFSR_PISA_BASE" in msg
+    assert (
+        "stabilityai/stable-diffusion-2-1-base" in msg
+        and "base=/path/to/folder" in msg
+        and "DIFFSR_PISA_BASE" in msg
+    )
+    with (
+        cli_messages(),
+        pytest.raises(WeightsNotFoundError, match="--base /path/to/folder or set DIFFSR_PISA_BASE"),
+    ):
+        resolve_base(None, default="stabilityai/stable-diffusion-2-1-base", env="DIFFSR_PISA_BASE")
 
 
 def test_load_sd_parts_from_folder(tiny_sd_dir):

@@ -182,7 +182,7 @@ def test_pisa_resume_equals_uninterrupted_and_exports(hq_dir, tiny_sd_dir, tmp_p
     cfg_b = pisa_cfg(hq_dir, tiny_sd_dir, tmp_path / "b", sem_steps=3)
     part = run_training(_trainer(cfg_b), log=lambda s: None, stop_after=3)  # "killed" after step 3
     assert part.name == "step-0000003"
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="pass resume=True to continue"):
         run_training(_trainer(cfg_b), log=lambda s: None)
     resumed = run_training(_trainer(cfg_b), resume=True, log=lambda s: None)
 

@@ -208,10 +208,10 @@ def test_missing_lpips_weights_fail_in_seconds_naming_the_flag(tiny_sd_dir, tmp_
         data=[str(hq)], output_dir=str(tmp_path / "run"), base=str(tiny_sd_dir), pix_steps=1, sem_steps=0
     )
     t0 = time.perf_counter()
-    with pytest.raises(WeightsNotFoundError, match=r"--lpips-weights FILE .*vgg16-397923af.pth"):
+    with pytest.raises(WeightsNotFoundError, match=r"lpips_weights=FILE .*vgg16-397923af.pth"):
         run_training(build_trainer(build_config("pisa", kw)), log=lambda s: None)
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "run").exists()  # before anything was built
-    with pytest.raises(WeightsNotFoundError, match="--lpips-weights /nope.pth: no such file"):
+    with pytest.raises(WeightsNotFoundError, match="lpips_weights=/nope.pth: no such file"):
         preflight.check(build_config("pisa", {**kw, "lpips_weights": "/nope.pth"}))
     vgg = tmp_path / "vgg16.pth"
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg)
@@ -219,9 +219,9 @@ def test_missing_lpips_weights_fail_in_seconds_naming_the_flag(tiny_sd_dir, tmp_
     # the discriminator backbone: not cached and downloads off → the flag to pass
     s3 = dict(kw, de_net=str(vgg), lpips_weights=str(vgg), disc_backbone="vit_tiny_patch16_224")
     s3.pop("pix_steps"), s3.pop("sem_steps")
-    with pytest.raises(WeightsNotFoundError, match="--disc-weights FILE"):
+    with pytest.raises(WeightsNotFoundError, match="disc_weights=FILE"):
         preflight.check(build_config("s3diff", s3))
-    with pytest.raises(WeightsNotFoundError, match="--disc-weights /nope: no such file"):
+    with pytest.raises(WeightsNotFoundError, match="disc_weights=/nope: no such file"):
         preflight.check(build_config("s3diff", {**s3, "disc_weights": "/nope"}))
 
 

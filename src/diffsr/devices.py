@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, hint
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -17,6 +17,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+CPU_ARG, FP32_ARG = 'device="cpu"', 'dtype="fp32"'  # as a Python caller writes them (errors.hint)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Return a usable torch.device; None/"auto" picks CUDA when present, else CPU."""
     if device is None or str(device) == "auto":
@@ -27,11 +30,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device={device!r} is not a device (use 'cpu', 'cuda' or 'cuda:N')") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: CUDA is not available on this machine (use --device cpu)")
+            raise ConfigError(
+                f"device={device!r}: CUDA is not available on this machine (use {hint(CPU_ARG, '--device cpu')})"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device!r}: MPS is not available on this machine (use --device cpu)")
+        raise ConfigError(
+            f"device={device!r}: MPS is not available on this machine (use {hint(CPU_ARG, '--device cpu')})"
+        )
     return dev
 
 
@@ -52,7 +59,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ConfigError(f"dtype={dtype!r} is not one of fp32, fp16, bf16")
     if dt == torch.float16 and device.type == "cpu":
         raise ConfigError(
-            "dtype fp16 is not supported on CPU; use --dtype fp32 (or bf16) on CPU, fp16 on CUDA"
+            f"dtype fp16 is not supported on CPU; use {hint(FP32_ARG, '--dtype fp32')} (or bf16) on CPU, "
+            "fp16 on CUDA"
         )
     return dt
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffsr.errors import ImageError
+from diffsr.errors import ImageError, hint
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -409,7 +409,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageError(
                         f"{shown}: image is {w}x{h} = {_fmt_pixels(w * h)}, above the limit of "
-                        f"{_fmt_pixels(max_pixels)} (raise it with max_pixels= / --max-pixels)"
+                        f"{_fmt_pixels(max_pixels)} (raise it with {hint('max_pixels=', '--max-pixels')})"
                     )
                 fmt = im.format or None
                 rawmode = _tile_rawmode(im)
@@ -537,7 +537,7 @@ def write_image(
     if path.is_dir():
         raise ImageError(f"{path}: is a directory")
     if not overwrite and os.path.lexists(path):
-        raise ImageError(f"{path}: exists (pass overwrite=True / --overwrite)")
+        raise ImageError(f"{path}: exists (pass {hint('overwrite=True', '--overwrite')})")
 
     parent = path.parent
     try:
@@ -594,10 +594,10 @@ def _publish_no_clobber(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError as e:
-        raise ImageError(f"{path}: exists (pass overwrite=True / --overwrite)") from e
+        raise ImageError(f"{path}: exists (pass {hint('overwrite=True', '--overwrite')})") from e
     except OSError:  # file system without hard links: check, then rename
         if os.path.lexists(path):
-            raise ImageError(f"{path}: exists (pass overwrite=True / --overwrite)") from None
+            raise ImageError(f"{path}: exists (pass {hint('overwrite=True', '--overwrite')})") from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)

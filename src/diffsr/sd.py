@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WeightsNotFoundError
+from .errors import WeightsNotFoundError, hint
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -34,7 +34,7 @@ _ALLOW_PATTERNS = [
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_base(base: str | os.PathLike | None, *, default: str, env: str, flag: str = "--base") -> Path:
+def resolve_base(base: str | os.PathLike | None, *, default: str, env: str) -> Path:
     """Return a local diffusers-format folder for `base`.
 
     base None → $env, else `default`. An existing folder is used as is; anything else is taken as
@@ -51,11 +51,13 @@ def resolve_base(base: str | os.PathLike | None, *, default: str, env: str, flag
             )
         return p
     if not _HUB_ID.match(name):
-        raise WeightsNotFoundError(f"{name}: no such model folder ({flag} PATH or ${env})")
-    return _hub_snapshot(name, env=env, flag=flag)
+        raise WeightsNotFoundError(
+            f"{name}: no such model folder ({hint('base=PATH', '--base PATH')} or ${env})"
+        )
+    return _hub_snapshot(name, env=env)
 
 
-def _hub_snapshot(repo_id: str, *, env: str, flag: str) -> Path:
+def _hub_snapshot(repo_id: str, *, env: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -69,12 +71,13 @@ def _hub_snapshot(repo_id: str, *, env: str, flag: str) -> Path:
         raise WeightsNotFoundError(
             f"base model {repo_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and could not be "
             f"downloaded ({type(e).__name__}); download it where the Hub is reachable and pass "
-            f"{flag} /path/to/folder or set {env}"
+            f"{hint('base=/path/to/folder', '--base /path/to/folder')} or set {env}"
         ) from None
 
 
-def hub_file(repo_id: str, filename: str, *, env: str, flag: str) -> Path:
-    """Fetch one file of a Hub repo through the cache (cached copy first, then network)."""
+def hub_file(repo_id: str, filename: str, *, env: str, arg: str) -> Path:
+    """Fetch one file of a Hub repo through the cache (cached copy first, then network). ``arg``: the
+    argument that points to a local copy instead (``"weights"``: ``weights=`` / ``--weights``)."""
     from huggingface_hub import hf_hub_download
 
     try:
@@ -86,7 +89,7 @@ def hub_file(repo_id: str, filename: str, *, env: str, flag: str) -> Path:
     except Exception as e:
         raise WeightsNotFoundError(
             f"{repo_id}/{filename} is not cached and could not be downloaded ({type(e).__name__}); "
-            f"download it and pass {flag} PATH or set {env}"
+            f"download it and pass {hint(arg + '=PATH', '--' + arg.replace('_', '-') + ' PATH')} or set {env}"
         ) from None
 
 
@@ -137,7 +140,7 @@ def _load_part(folder: Path, sub: str, load):
             reason = reason[:300] + "…"
         raise WeightsNotFoundError(
             f"{folder / sub}: cannot load the base model's {sub} ({type(e).__name__}: {reason}); "
-            "re-download it, or pass --base a complete diffusers folder"
+            f"re-download it, or pass {hint('base=', '--base')} a complete diffusers folder"
         ) from None
 
 

@@ -4,6 +4,7 @@ imports happen inside the commands, so `--help` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from . import bench, degrade, eval, rtm, train, upscale, web
@@ -22,6 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def for_cli(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """A library message as a shell user reads it: each Python argument of the command written
+    ``name=`` (``tile_size=48``) is named by its flag (``--tile-size 48``), from the parser's table."""
+    if parser is None:
+        return message
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest != "help":
+            message = re.sub(rf"(?<![\w.\-]){re.escape(action.dest)}=", f"{longs[0]} ", message)
+    return message
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -33,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ..errors import DiffSRError
+    from ..errors import DiffSRError, cli_messages
 
     try:
-        return args.func(args)
+        with cli_messages():  # errors name flags (--max-pixels), not Python arguments
+            return args.func(args)
     except DiffSRError as e:
-        print(f"diffsr: error: {e}", file=sys.stderr)
+        sub = _subparsers(parser).get(args.command)
+        print(f"diffsr: error: {for_cli(str(e), sub)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffsr: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ import torch
 from .. import checkpoints, lora
 from ..color import color_fix as apply_color_fix
 from ..devices import resolve_device, resolve_dtype
-from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
+from ..errors import CheckpointError, ConfigError, WeightsNotFoundError, hint
 from ..latents import tiled_predict
 from ..resize import PIL_FILTERS, pil_resize
 from ..sd import SDParts, encode_prompts, load_sd_parts, resolve_base
@@ -37,10 +37,17 @@ from .base import LatentSR, RunOptions, vae_dtype_for
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"
 ENV_BASE = "DIFFSR_PISA_BASE"
 ENV_WEIGHTS = "DIFFSR_PISA_WEIGHTS"
-WEIGHTS_HELP = (
-    "PiSA-SR's weights (pisa_sr.pkl) are not on the Hugging Face Hub: download them from the link in "
-    "the authors' README (github.com/csslc/PiSA-SR) and pass --weights PATH or set DIFFSR_PISA_WEIGHTS"
-)
+
+
+def weights_help() -> str:
+    """Where PiSA-SR's weights come from (built when raised: names the argument or the flag)."""
+    return (
+        "PiSA-SR's weights (pisa_sr.pkl) are not on the Hugging Face Hub: download them from the link in "
+        f"the authors' README (github.com/csslc/PiSA-SR) and pass {hint('weights=PATH', '--weights PATH')} "
+        "or set DIFFSR_PISA_WEIGHTS"
+    )
+
+
 ADAPTERS = ("pix", "sem")
 MINUS_SEM = "minus_sem"  # the semantic set with B negated: base+pix+sem − sem = base+pix
 _OFFICIAL_KEY = re.compile(r"\.lora_([AB])\.default_(encoder|decoder|others)_(pix|sem)\.")
@@ -301,9 +308,9 @@ class PiSASR(LatentSR):
         if not isinstance(weights, PisaWeights):
             src = weights or os.environ.get(ENV_WEIGHTS)
             if not src:
-                raise WeightsNotFoundError(WEIGHTS_HELP)
+                raise WeightsNotFoundError(weights_help())
             if not Path(src).expanduser().exists():
-                raise WeightsNotFoundError(f"{src}: no such file or folder. {WEIGHTS_HELP}")
+                raise WeightsNotFoundError(f"{src}: no such file or folder. {weights_help()}")
             weights = PisaWeights.load(src)
         folder = resolve_base(base, default=weights.config.base, env=ENV_BASE)
         parts = load_sd_parts(

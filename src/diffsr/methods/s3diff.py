@@ -31,7 +31,7 @@ from torch import nn
 from .. import checkpoints, lora
 from ..color import color_fix as apply_color_fix
 from ..devices import resolve_device, resolve_dtype
-from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
+from ..errors import CheckpointError, ConfigError, WeightsNotFoundError, hint
 from ..latents import tiled_predict
 from ..sd import SDParts, encode_prompts, hub_file, load_sd_parts, resolve_base
 from .base import LatentSR, vae_dtype_for
@@ -41,11 +41,17 @@ HUB_WEIGHTS = ("zhangap/S3Diff", "s3diff.pkl")
 ENV_BASE = "DIFFSR_S3DIFF_BASE"
 ENV_WEIGHTS = "DIFFSR_S3DIFF_WEIGHTS"
 ENV_DE_NET = "DIFFSR_DE_NET"
-DE_NET_HELP = (
-    "S3Diff's degradation estimator (de_net.pth) is on no model hub: it ships in the S3Diff GitHub "
-    "repository (github.com/ArcticHare105/S3Diff, assets/mm-realsr/de_net.pth); pass --de-net PATH "
-    "or set DIFFSR_DE_NET"
-)
+
+
+def de_net_help() -> str:
+    """Where the degradation estimator comes from (built when raised: names the argument or the flag)."""
+    return (
+        "S3Diff's degradation estimator (de_net.pth) is on no model hub: it ships in the S3Diff GitHub "
+        "repository (github.com/ArcticHare105/S3Diff, assets/mm-realsr/de_net.pth); pass "
+        f"{hint('de_net=PATH', '--de-net PATH')} or set DIFFSR_DE_NET"
+    )
+
+
 POS_PROMPT = (
     "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting."
 )
@@ -519,9 +525,11 @@ class S3Diff(LatentSR):
         if not isinstance(weights, S3DiffWeights):
             src = weights or os.environ.get(ENV_WEIGHTS)
             if src and not Path(src).expanduser().exists():
-                raise WeightsNotFoundError(f"{src}: no such file or folder (--weights / ${ENV_WEIGHTS})")
+                raise WeightsNotFoundError(
+                    f"{src}: no such file or folder ({hint('weights=', '--weights')} / ${ENV_WEIGHTS})"
+                )
             if not src:
-                src = hub_file(*HUB_WEIGHTS, env=ENV_WEIGHTS, flag="--weights")
+                src = hub_file(*HUB_WEIGHTS, env=ENV_WEIGHTS, arg="weights")
             weights = S3DiffWeights.load(src)
         if weights.de_net is not None and de_net is None:
             net = DegradationEstimator()
@@ -529,9 +537,9 @@ class S3Diff(LatentSR):
         else:
             de_src = de_net or os.environ.get(ENV_DE_NET)
             if not de_src:
-                raise WeightsNotFoundError(DE_NET_HELP)
+                raise WeightsNotFoundError(de_net_help())
             if not Path(de_src).expanduser().is_file():
-                raise WeightsNotFoundError(f"{de_src}: no such file. {DE_NET_HELP}")
+                raise WeightsNotFoundError(f"{de_src}: no such file. {de_net_help()}")
             net = DegradationEstimator.load(Path(de_src).expanduser())
         folder = resolve_base(base, default=weights.config.base, env=ENV_BASE)
         parts = load_sd_parts(
@@ -547,7 +555,7 @@ class S3Diff(LatentSR):
             raise ConfigError("S3Diff needs the text encoder once, to embed its two prompts")
         if de_net is None:
             if weights.de_net is None:
-                raise WeightsNotFoundError(DE_NET_HELP)
+                raise WeightsNotFoundError(de_net_help())
             de_net = DegradationEstimator()
             _load_strict(de_net, weights.de_net, "de_net")
         emb = encode_prompts(

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from diffsr.errors import ConfigError, DiffSRError, ImageError
+from diffsr.errors import ConfigError, DiffSRError, ImageError, hint
 from diffsr.io import DEFAULT_MAX_PIXELS, ImageData, find_images, read_image
 
 from .niqe import NiqeParams, find_niqe_params, load_niqe_params, niqe
@@ -162,7 +162,7 @@ def parse_metrics(metrics: str | Sequence[str] | None, has_gt: bool) -> list[str
         need = [n for n in names if n in FULL_REFERENCE or n in SET_METRICS]
         if need:
             raise ConfigError(
-                f"{', '.join(need)} need(s) a ground-truth folder (--gt); "
+                f"{', '.join(need)} need(s) a ground-truth folder ({hint('gt_dir', '--gt')}); "
                 f"without one only {', '.join(DEFAULT_NR_METRICS)} can run"
             )
     return names
@@ -468,7 +468,9 @@ def _pyiqa_pixel_metrics(names: list[str]) -> dict[str, Any]:
     try:
         import pyiqa
     except ImportError:
-        raise ConfigError("--convention pyiqa needs pyiqa: pip install diffsr[metrics]") from None
+        raise ConfigError(
+            f"{hint('convention=pyiqa', '--convention pyiqa')} needs pyiqa: pip install diffsr[metrics]"
+        ) from None
     return {n: pyiqa.create_metric(n, test_y_channel=True, color_space="ycbcr", device="cpu", as_loss=False)
             for n in names}  # fmt: skip
 
@@ -751,13 +753,13 @@ def _evaluate_pair(
         if crop_to_scale and 0 <= dh < crop_to_scale and 0 <= dw < crop_to_scale and (dh or dw):
             gt = ImageData(gt.pixels[: pred.height, : pred.width], None, gt.bit_depth, gt.format)
         if (pred.height, pred.width) != (gt.height, gt.width):
-            hint = (
-                " (--crop-to-scale SCALE crops an HR that is not a multiple of the scale)"
+            tip = (
+                f" ({hint('crop_to_scale=SCALE', '--crop-to-scale')} crops an HR that is not a multiple of the scale)"
                 if dh >= 0 and dw >= 0
                 else ""
             )
             raise ImageError(
-                f"size mismatch: {pred_path} is {pred.width}x{pred.height}, {gt_path} is {gt.width}x{gt.height}{hint}"
+                f"size mismatch: {pred_path} is {pred.width}x{pred.height}, {gt_path} is {gt.width}x{gt.height}{tip}"
             )
         if pred.channels != gt.channels:  # gray vs RGB: compared as RGB
             pred, gt = _as_rgb(pred), _as_rgb(gt)

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, hint
 
 
 @dataclass
@@ -67,19 +67,21 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 disables the average)")
         if not self.data and not self.pairs:
-            raise ConfigError("training needs data: HQ image folders or list files (--data), or real LR/HR "
-                              "pairs (--pairs)")  # fmt: skip
+            raise ConfigError(f"training needs data: HQ image folders or list files ({hint('data=', '--data')}), "
+                              f"or real LR/HR pairs ({hint('pairs=', '--pairs')})")  # fmt: skip
         if self.data and self.pairs:
-            raise ConfigError("use either --data (HQ images, degraded on the fly) or --pairs (real LR/HR pairs), "
-                              "not both")  # fmt: skip
+            raise ConfigError(f"use either {hint('data', '--data')} (HQ images, degraded on the fly) or "
+                              f"{hint('pairs', '--pairs')} (real LR/HR pairs), not both")  # fmt: skip
         if self.val_data and self.val_pairs:
-            raise ConfigError("use either --val-data or --val-pairs, not both")
+            raise ConfigError(
+                f"use either {hint('val_data', '--val-data')} or {hint('val_pairs', '--val-pairs')}, not both"
+            )
         if self.pairs and (self.pair_scale < 1 or self.crop_size % self.pair_scale):
             raise ConfigError(
                 f"crop_size={self.crop_size} must be a multiple of pair_scale={self.pair_scale}"
             )
         if not self.output_dir:
-            raise ConfigError("training needs an output directory (-o/--output)")
+            raise ConfigError(f"training needs an output directory ({hint('output_dir=', '-o/--output')})")
         for name in ("max_steps", "batch_size", "grad_accum", "crop_size", "checkpoint_every", "keep_last",
                      "validate_every", "log_every", "pair_scale"):  # fmt: skip
             if getattr(self, name) < 1:

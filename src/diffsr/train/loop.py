@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, hint
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -267,7 +267,9 @@ class TrainingStopped(Exception):
     """SIGTERM (preemption) arrived; a checkpoint of the last finished step was written."""
 
     def __init__(self, checkpoint: Path):
-        super().__init__(f"stopped by SIGTERM; resume with --resume (checkpoint {checkpoint})")
+        super().__init__(
+            f"stopped by SIGTERM; resume with {hint('resume=True', '--resume')} (checkpoint {checkpoint})"
+        )
         self.checkpoint = checkpoint
 
 
@@ -287,7 +289,8 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
     cfg = trainer.cfg
     out = Path(cfg.output_dir)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU (on the CPU use bf16 or no)")
+        raise ConfigError(f"{hint('mixed_precision=fp16', '--mixed-precision fp16')} needs a CUDA GPU (on the CPU use "
+                          "bf16 or no)")  # fmt: skip
     preflight.check(cfg)  # every weight file found (or a one-line error) before anything heavy
     # find_unused_parameters: PiSA-SR's stage 1 leaves the semantic LoRA unused by the forward
     accelerator = Accelerator(
@@ -309,7 +312,7 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
         existing = list_checkpoints(out)
         if existing and not resume:
             raise ConfigError(
-                f"{out} already holds checkpoints; pass --resume to continue or use a new folder"
+                f"{out} already holds checkpoints; pass {hint('resume=True', '--resume')} to continue or use a new folder"
             )
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -407,7 +410,9 @@ def run_training(trainer: MethodTrainer, *, resume: bool | str | os.PathLike = F
                     )
                 accelerator.wait_for_everyone()
             if stop:
-                log(f"SIGTERM: checkpoint of step {step} written; continue with --resume")
+                log(
+                    f"SIGTERM: checkpoint of step {step} written; continue with {hint('resume=True', '--resume')}"
+                )
                 raise TrainingStopped(out / CHECKPOINTS / f"step-{step:07d}")
             if val is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
                 metrics = _validate(

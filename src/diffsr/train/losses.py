@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffsr.errors import ConfigError, WeightsNotFoundError
+from diffsr.errors import ConfigError, WeightsNotFoundError, hint
 
 __all__ = [
     "REAL_LABEL",
@@ -87,7 +87,7 @@ class LPIPSLoss(nn.Module):
             except OSError as e:  # URLError is an OSError: backbone weights not cached, no network
                 raise WeightsNotFoundError(
                     f"LPIPS {net} backbone weights (torchvision) could not be loaded or downloaded: {e}; "
-                    f"pass --lpips-weights FILE (torchvision's {LPIPS_BACKBONE_FILES[net]}) or put that file "
+                    f"pass {hint('lpips_weights=FILE', '--lpips-weights FILE')} (torchvision's {LPIPS_BACKBONE_FILES[net]}) or put that file "
                     f"in {torch.hub.get_dir()}/checkpoints"
                 ) from None
         if weights is not None:
@@ -313,7 +313,7 @@ class VisionAidedDiscriminator(nn.Module):
         except OSError as e:  # not in the HF cache and no network
             raise WeightsNotFoundError(
                 f"discriminator backbone {backbone!r}: pretrained weights not found ({type(e).__name__}); "
-                "pass --disc-weights FILE (or download them once with network access)"
+                f"pass {hint('disc_weights=FILE', '--disc-weights FILE')} (or download them once with network access)"
             ) from None
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"discriminator backbone {backbone!r} cannot be built by timm: {e}") from None

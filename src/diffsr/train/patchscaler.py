@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, hint
 from ..methods.patchscaler.model import (
     DEFAULT_BASE,
     ENV_BASE,
@@ -65,7 +65,7 @@ class PatchScalerTrainer:
     def __init__(self, cfg: PatchScalerTrainConfig):
         if not cfg.rtm:
             raise ConfigError("PatchScaler training needs a texture memory: build one with `diffsr build-rtm` and "
-                              "pass --rtm DIR")  # fmt: skip
+                              f"pass {hint('rtm=DIR', '--rtm DIR')}")  # fmt: skip
         self.cfg = cfg
         self.phase: int | None = None
         self.optimizer = self.scheduler = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, WeightsNotFoundError
+from ..errors import ConfigError, WeightsNotFoundError, hint
 from .config import TrainConfig
 
 LPIPS_URL = "https://download.pytorch.org/models/"
@@ -38,21 +38,21 @@ def lpips_backbone(net: str, weights: str | None) -> Path | None:
 
     if weights is not None:
         if not Path(weights).is_file():
-            raise WeightsNotFoundError(f"--lpips-weights {weights}: no such file")
+            raise WeightsNotFoundError(f"{hint('lpips_weights=', '--lpips-weights ')}{weights}: no such file")
         return Path(weights)
     name = LPIPS_BACKBONE_FILES[net]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / name
     if cached.is_file():
         return cached
-    hint = (f"LPIPS needs torchvision's {net} backbone ({name}), which is not in {cached.parent}: pass "
-            f"--lpips-weights FILE (download it from {LPIPS_URL}{name})")  # fmt: skip
+    help_ = (f"LPIPS needs torchvision's {net} backbone ({name}), which is not in {cached.parent}: pass "
+             f"{hint('lpips_weights=FILE', '--lpips-weights FILE')} (download it from {LPIPS_URL}{name})")  # fmt: skip
     if offline():
-        raise WeightsNotFoundError(hint + "; downloads are off (HF_HUB_OFFLINE / DIFFSR_OFFLINE)")
-    _download(LPIPS_URL + name, cached, hint)
+        raise WeightsNotFoundError(help_ + "; downloads are off (HF_HUB_OFFLINE / DIFFSR_OFFLINE)")
+    _download(LPIPS_URL + name, cached, help_)
     return cached
 
 
-def _download(url: str, dest: Path, hint: str) -> None:
+def _download(url: str, dest: Path, help_: str) -> None:
     import urllib.request
 
     from ..checkpoints import atomic_write
@@ -61,7 +61,7 @@ def _download(url: str, dest: Path, hint: str) -> None:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             data = r.read()
     except OSError as e:
-        raise WeightsNotFoundError(f"{hint}; the download failed ({type(e).__name__})") from None
+        raise WeightsNotFoundError(f"{help_}; the download failed ({type(e).__name__})") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, lambda p: Path(p).write_bytes(data))
 
@@ -71,7 +71,7 @@ def disc_backbone(backbone: str, weights: str | None) -> None:
     timm's Hugging Face copy in the cache (fetched once when allowed)."""
     if weights is not None:
         if not Path(weights).is_file():
-            raise WeightsNotFoundError(f"--disc-weights {weights}: no such file")
+            raise WeightsNotFoundError(f"{hint('disc_weights=', '--disc-weights ')}{weights}: no such file")
         return
     try:
         import timm
@@ -80,22 +80,25 @@ def disc_backbone(backbone: str, weights: str | None) -> None:
         raise ConfigError("S3Diff training needs timm: pip install diffsr[train]") from None
     cfg = get_pretrained_cfg(backbone)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    hint = f"the discriminator backbone {backbone!r} has no local weights: pass --disc-weights FILE (timm weights)"
+    help_ = (
+        f"the discriminator backbone {backbone!r} has no local weights: pass "
+        f"{hint('disc_weights=FILE', '--disc-weights FILE')} (timm weights)"
+    )
     if not repo:
         if backbone.split(".")[0] not in timm.list_models():
             raise ConfigError(f"discriminator backbone {backbone!r} is not a timm model")
-        raise WeightsNotFoundError(hint)
+        raise WeightsNotFoundError(help_)
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     for filename in ("model.safetensors", "pytorch_model.bin"):
         if isinstance(try_to_load_from_cache(repo, filename), str):
             return
     if offline():
-        raise WeightsNotFoundError(hint + f" ({repo} is not in the Hugging Face cache; downloads are off)")
+        raise WeightsNotFoundError(help_ + f" ({repo} is not in the Hugging Face cache; downloads are off)")
     try:
         hf_hub_download(repo, "model.safetensors", etag_timeout=DOWNLOAD_TIMEOUT_S)
     except Exception as e:
-        raise WeightsNotFoundError(f"{hint} ({repo}: {type(e).__name__})") from None
+        raise WeightsNotFoundError(f"{help_} ({repo}: {type(e).__name__})") from None
 
 
 def check(cfg: TrainConfig) -> None:
@@ -110,20 +113,22 @@ def check(cfg: TrainConfig) -> None:
         from ..methods.patchscaler.model import DEFAULT_BASE, ENV_BASE
     resolve_base(cfg.base, default=DEFAULT_BASE, env=ENV_BASE)
     if cfg.init_weights and not Path(cfg.init_weights).exists():
-        raise WeightsNotFoundError(f"--init-weights {cfg.init_weights}: no such file or folder")
+        raise WeightsNotFoundError(
+            f"{hint('init_weights=', '--init-weights ')}{cfg.init_weights}: no such file or folder"
+        )
     if cfg.method == "s3diff":
-        from ..methods.s3diff import DE_NET_HELP, ENV_DE_NET
+        from ..methods.s3diff import ENV_DE_NET, de_net_help
 
         de_net = cfg.de_net or os.environ.get(ENV_DE_NET)
         if not de_net:
-            raise WeightsNotFoundError(DE_NET_HELP)
+            raise WeightsNotFoundError(de_net_help())
         if not Path(de_net).is_file():
-            raise WeightsNotFoundError(f"--de-net {de_net}: no such file")
+            raise WeightsNotFoundError(f"{hint('de_net=', '--de-net ')}{de_net}: no such file")
         if cfg.disc_pretrained and cfg.lambda_gan > 0:
             disc_backbone(cfg.disc_backbone, cfg.disc_weights)
     if cfg.method == "patchscaler" and not (cfg.rtm and Path(cfg.rtm).is_dir()):
         raise WeightsNotFoundError(
-            f"--rtm {cfg.rtm}: no such texture memory folder (build one with diffsr build-rtm)"
+            f"{hint('rtm=', '--rtm ')}{cfg.rtm}: no such texture memory folder (build one with diffsr build-rtm)"
         )
     needs_lpips = cfg.method in ("pisa", "s3diff") or bool(cfg.val_data or cfg.val_pairs)
     if needs_lpips and cfg.lpips_pretrained:

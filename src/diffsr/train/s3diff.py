@@ -28,7 +28,6 @@ from torch import nn
 
 from ..errors import WeightsNotFoundError
 from ..methods.s3diff import (
-    DE_NET_HELP,
     DEFAULT_BASE,
     ENV_BASE,
     ENV_DE_NET,
@@ -36,6 +35,7 @@ from ..methods.s3diff import (
     S3Diff,
     S3DiffConfig,
     S3DiffWeights,
+    de_net_help,
     initial_weights,
 )
 from ..sd import load_sd_parts, resolve_base
@@ -84,7 +84,7 @@ class S3DiffTrainer:
         dev = accelerator.device
         de_path = cfg.de_net or os.environ.get(ENV_DE_NET)
         if not de_path:
-            raise WeightsNotFoundError(DE_NET_HELP)
+            raise WeightsNotFoundError(de_net_help())
         de_net = DegradationEstimator.load(de_path)
         parts = load_sd_parts(resolve_base(cfg.base, default=DEFAULT_BASE, env=ENV_BASE), device=dev)
         if cfg.init_weights:

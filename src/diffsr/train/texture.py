@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, hint
 
 
 def class_folders(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -70,7 +70,8 @@ def train_texture_classifier(
     from ..methods.patchscaler.texture import TextureClassifier
 
     if procedural == (data is not None):
-        raise ConfigError("give either a texture folder (--data) or --procedural")
+        raise ConfigError(f"give either a texture folder ({hint('data=', '--data')}) or "
+                          f"{hint('procedural=True', '--procedural')}")  # fmt: skip
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)

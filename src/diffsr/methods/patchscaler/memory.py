@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ConfigError, WeightsNotFoundError
+from ...errors import ConfigError, WeightsNotFoundError, hint
 from .texture import ReferenceTextureMemory, TextureClassifier, build_rtm, select_texture_crops
 
 
@@ -73,7 +73,7 @@ def build_texture_memory(
     crops = torch.cat(crops)[:pool]
     if crops.shape[0] < size:
         raise ConfigError(
-            f"only {crops.shape[0]} textured crops found; need at least {size} (more images or --size)"
+            f"only {crops.shape[0]} textured crops found; need at least {size} (more images or a smaller {hint('size=', '--size')})"
         )
     if log:
         log(f"encoding {crops.shape[0]} crops of {crop}x{crop} px")

@@ -20,7 +20,7 @@ from torch import nn
 from ... import checkpoints
 from ...color import color_fix as apply_color_fix
 from ...devices import resolve_device, resolve_dtype
-from ...errors import CheckpointError, ConfigError, WeightsNotFoundError
+from ...errors import CheckpointError, ConfigError, WeightsNotFoundError, hint
 from ...sd import SDParts, load_sd_parts, resolve_base
 from ..base import LatentSR, vae_dtype_for
 from .dit import PRESETS as DIT_PRESETS
@@ -32,10 +32,14 @@ from .texture import ReferenceTextureMemory, TextureClassifier, TextureEncoder
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-1-base"  # our choice (D1): the SD VAE, 4 channels, d = 8
 ENV_BASE = "DIFFSR_PATCHSCALER_BASE"
 ENV_WEIGHTS = "DIFFSR_PATCHSCALER_WEIGHTS"
-WEIGHTS_HELP = (
-    "PatchScaler has no released weights: train them with `diffsr train patchscaler` (docs/training.md) and "
-    "pass --weights RUN/final or set DIFFSR_PATCHSCALER_WEIGHTS"
-)
+
+
+def weights_help() -> str:
+    """How to get PatchScaler weights (built when raised: names the argument or the flag)."""
+    return (
+        "PatchScaler has no released weights: train them with `diffsr train patchscaler` (docs/training.md) "
+        f"and pass {hint('weights=RUN/final', '--weights RUN/final')} or set DIFFSR_PATCHSCALER_WEIGHTS"
+    )
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class PatchScaler(LatentSR):
         dt = resolve_dtype(dtype, dev)
         src = weights or os.environ.get(ENV_WEIGHTS)
         if not src:
-            raise WeightsNotFoundError(WEIGHTS_HELP)
+            raise WeightsNotFoundError(weights_help())
         config, nets = load_weights(src)
         folder = resolve_base(base, default=config.base, env=ENV_BASE)
         parts = load_sd_parts(folder, device=dev, dtype=vae_dtype_for(vae_dtype, dt, dev), text_encoder=False)
@@ -299,7 +303,7 @@ def save_weights(folder, config: PatchScalerConfig, nets: PatchScalerNets) -> Pa
 def load_weights(path) -> tuple[PatchScalerConfig, PatchScalerNets]:
     path = Path(path).expanduser()
     if not path.exists():
-        raise WeightsNotFoundError(f"{path}: no such folder. {WEIGHTS_HELP}")
+        raise WeightsNotFoundError(f"{path}: no such folder. {weights_help()}")
     cfg, tensors = checkpoints.load_folder(path, method="patchscaler")
     cls_cfg = cfg.pop("classifier", None)
     if cls_cfg is None:
