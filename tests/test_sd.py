@@ -75,3 +75,60 @@ def test_devices_and_dtypes():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def _partial_hub_cache(cache, repo_id, source, drop):
+    """A huggingface_hub cache holding `repo_id` at one commit with the files of `source` except `drop`
+    (what an interrupted download leaves)."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    shutil.copytree(source, snap)
+    for rel in drop:
+        (snap / rel).unlink()
+    return snap
+
+
+def test_partial_hub_download_is_resumed_not_loaded(monkeypatch, tmp_path, tiny_sd_dir):
+    """A snapshot cut short (vae weights missing) is never handed to the loader: offline it is a
+    one-line error naming what is missing; online the download is called again to fetch the rest."""
+    import shutil
+
+    import huggingface_hub
+
+    repo_id = "org/tiny-sd"
+    cache = tmp_path / "cache"
+    snap = _partial_hub_cache(cache, repo_id, tiny_sd_dir, ["vae/diffusion_pytorch_model.safetensors"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsNotFoundError) as e:
+        resolve_base(repo_id, default="x/y", env="DIFFSR_TEST_BASE")
+    msg = str(e.value)
+    assert (
+        "is only partly in the Hugging Face cache" in msg and "vae/diffusion_pytorch_model.safetensors" in msg
+    )
+    assert "\n" not in msg
+
+    real = huggingface_hub.snapshot_download
+    calls = []
+
+    def online(repo, **kw):
+        calls.append(kw.get("local_files_only", False))
+        if kw.get("local_files_only"):
+            return real(repo, **kw)
+        # the network call: huggingface_hub fetches the missing file into the same snapshot
+        shutil.copy(tiny_sd_dir / "vae" / "diffusion_pytorch_model.safetensors", snap / "vae")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", online)
+    assert resolve_base(repo_id, default="x/y", env="DIFFSR_TEST_BASE") == snap
+    assert calls == [True, False]
+    assert load_sd_parts(snap).vae.config.scaling_factor == 0.18215
+    calls.clear()
+    assert resolve_base(repo_id, default="x/y", env="DIFFSR_TEST_BASE") == snap  # complete: no network
+    assert calls == [True]

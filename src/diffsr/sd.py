@@ -57,22 +57,60 @@ def resolve_base(base: str | os.PathLike | None, *, default: str, env: str) -> P
     return _hub_snapshot(name, env=env)
 
 
+# What a usable snapshot holds: a download cut short leaves some of these missing (or `.incomplete`).
+_REQUIRED_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/vocab.json",
+)
+
+
+def _missing_files(folder: Path | None) -> list[str]:
+    return (
+        list(_REQUIRED_FILES)
+        if folder is None
+        else [f for f in _REQUIRED_FILES if not (folder / f).is_file()]
+    )
+
+
 def _hub_snapshot(repo_id: str, *, env: str) -> Path:
+    """The cached snapshot of `repo_id` when it is complete; else a download, which fetches only
+    what is missing (huggingface_hub resumes files cut short), so an interrupted download goes on
+    where it stopped instead of failing on the partial copy."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    try:  # a cached copy needs no network
-        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True))
+    cached = None
+    try:  # a complete cached copy needs no network
+        cached = Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS, local_files_only=True))
     except Exception:
         pass
+    if cached is not None and not _missing_files(cached):
+        return cached
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS))
+        folder, reason = Path(snapshot_download(repo_id, allow_patterns=_ALLOW_PATTERNS)), ""
     except Exception as e:
-        raise WeightsNotFoundError(
-            f"base model {repo_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and could not be "
-            f"downloaded ({type(e).__name__}); download it where the Hub is reachable and pass "
-            f"{hint('base=/path/to/folder', '--base /path/to/folder')} or set {env}"
-        ) from None
+        folder, reason = cached, type(e).__name__
+    missing = _missing_files(folder)
+    if not missing:
+        return folder  # type: ignore[return-value]
+    state = (
+        f"is only partly in the Hugging Face cache ({folder}: no {', '.join(missing)})"
+        if folder is not None
+        else f"is not in the Hugging Face cache ({HF_HUB_CACHE})"
+    )
+    raise WeightsNotFoundError(
+        f"base model {repo_id!r} {state} and could not be downloaded"
+        + (f" ({reason})" if reason else " (offline?)")
+        + f"; run again where the Hub is reachable (the download resumes), or pass "
+        f"{hint('base=/path/to/folder', '--base /path/to/folder')} or set {env}"
+    )
 
 
 def hub_file(repo_id: str, filename: str, *, env: str, arg: str) -> Path:
