@@ -130,3 +130,17 @@ def test_s3diff_through_the_api(s3diff):
     assert g.shape == (36, 28) and g.dtype == np.uint16
     with pytest.raises(ConfigError, match="no adjustable mode"):
         up.adjustable(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_cpu_index_is_the_cpu(tiny_sd_dir, pisa_dir):
+    """accelerate hands each CPU process "cpu:0"; it must compute exactly what "cpu" does (a device
+    index once changed a code path and one pixel level on some images)."""
+    from diffsr.devices import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu") and resolve_device("cpu:0").index is None
+    rng = np.random.default_rng(3)
+    imgs = [(rng.random((12, 10, 3)) * 255).astype(np.uint8) for _ in range(7)]
+    a = load("pisa", weights=pisa_dir, base=tiny_sd_dir, device="cpu")
+    b = load("pisa", weights=pisa_dir, base=tiny_sd_dir, device="cpu:0")
+    for img in imgs:
+        assert np.array_equal(np.asarray(a.upscale(img)), np.asarray(b.upscale(img)))
