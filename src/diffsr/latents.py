@@ -37,12 +37,13 @@ def vae_encode(
     x: torch.Tensor,
     *,
     sample: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     tile: int = VAE_ENCODER_TILE,
     offload: str = "auto",
 ) -> torch.Tensor:
     """x: (B, 3, H, W) in [-1, 1], H and W multiples of the VAE factor. Returns scaled latents
-    (B, 4, H/8, W/8) in the VAE's dtype: the posterior mode, or a sample drawn with `generator`.
+    (B, 4, H/8, W/8) in the VAE's dtype: the posterior mode, or a sample drawn with `generator`
+    (one per image: a list of B).
 
     Tiled exactly (vae_tiling.tiled_forward; `offload` says where activations wait between layers)
     when H or W exceeds `tile` pixels."""

@@ -121,6 +121,10 @@ def register(sub) -> None:
     r.add_argument(
         "--max-pixels", type=positive_int, default=1 << 24, help="refuse inputs above this many pixels"
     )
+    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                   help="PiSA-SR, S3Diff: run up to N images of one size through the model together (inputs "
+                   "are grouped by size; a group's last batch is padded, so each result depends on its image "
+                   "alone; vs N=1 results agree to float rounding). Default 1")  # fmt: skip
     r.add_argument("--no-io-overlap", action="store_true",
                    help="read and write images on the main thread (default: the next image is decoded and "
                    "finished ones are encoded on background threads while the model works)")  # fmt: skip
@@ -155,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tile_overlap >= args.tile_size:
         print(f"diffsr: error: --tile-overlap {args.tile_overlap} must be smaller than --tile-size {args.tile_size}",
               file=sys.stderr)  # fmt: skip
+        return 2
+    if args.batch_size > 1 and args.method not in ("pisa", "s3diff"):
+        print(
+            f"diffsr: error: --batch-size applies to --method pisa or s3diff, not {args.method}",
+            file=sys.stderr,
+        )
         return 2
     if args.de_net and args.method != "s3diff":
         print(f"diffsr: error: --de-net applies to --method s3diff, not {args.method}", file=sys.stderr)
@@ -277,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) -> tuple[int, bool]:
-    """Upscale `todo` in order; the next image is read and the finished ones are written on
+    """Upscale `todo` (in order; with --batch-size N > 1 in order of size, N images of one size at a
+    time); the next image is read and the finished ones are written on
     background threads while the model works (unless --no-io-overlap). Returns (written,
     interrupted); failures are appended to `failed`."""
     from concurrent.futures import ThreadPoolExecutor
@@ -329,31 +340,40 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
                 keep.append((src, fut))
         pending[:] = keep
 
-    previous = _sigterm_as_interrupt()  # a killed batch stops like Ctrl-C: no temporary file left behind
-    try:
-        nxt = reader.submit(read, todo[0][0]) if reader else None
-        for i, (src, rel) in enumerate(todo):
-            bar.set_postfix_str(str(rel), refresh=False)
+    n = args.batch_size
+
+    def run_batch(batch: list) -> None:
+        """Upscale `batch` [(src, rel, ImageData)] (one image, or up to n of one size) and queue the writes."""
+        nonlocal tile_bar, written
+        t = time.perf_counter()
+        try:
+            if n == 1:
+                results = [up.process(batch[0][2], outscale=args.outscale, progress=progress, **options)]
+            else:
+                results = up.process_batch([b[2] for b in batch], batch_size=n, outscale=args.outscale,
+                                           progress=progress, **options)  # fmt: skip
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a broken image must not end the run
+            for src, _, _ in batch:
+                record(src, e)
+                shard.count_done(bar)
+            return
+        finally:
+            if tile_bar is not None:
+                tile_bar.close()
+                tile_bar = None
+        seconds = time.perf_counter() - t
+        for (src, rel, _), (out, info) in zip(batch, results, strict=True):
             try:
-                img = nxt.result() if reader else read(src)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                img = e
-            if reader and i + 1 < len(todo):
-                nxt = reader.submit(read, todo[i + 1][0])  # decode the next one while this one runs
-            try:
-                if isinstance(img, BaseException):
-                    raise img
-                t = time.perf_counter()
-                out, info = up.process(img, outscale=args.outscale, progress=progress, **options)
                 dst = output_path(
                     outdir, rel, src, ext=ext, has_alpha=out.alpha is not None, suffix=args.suffix
                 )
                 if args.verbose:
                     details = ", ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+                    took = f"{seconds:.1f} s" + (f" for a batch of {len(batch)}" if n > 1 else "")
                     tqdm.write(f"{src} -> {dst} ({out.pixels.shape[1]}x{out.pixels.shape[0]}, "
-                               f"{time.perf_counter() - t:.1f} s; {details})", file=sys.stderr)  # fmt: skip
+                               f"{took}; {details})", file=sys.stderr)  # fmt: skip
                 if writer:
                     pending.append((src, writer.submit(write_image, dst, out, overwrite=args.overwrite)))
                 else:
@@ -362,14 +382,41 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
                     shard.count_done(bar)
             except KeyboardInterrupt:
                 raise
-            except Exception as e:  # a broken image must not end the batch
+            except Exception as e:
                 record(src, e)
                 shard.count_done(bar)
-            finally:
-                if tile_bar is not None:
-                    tile_bar.close()
-                    tile_bar = None
-            settle(block=False)
+        settle(block=False)
+
+    # batches hold images of one size: with n > 1 the inputs are taken in order of their size (read
+    # from the file headers), so each size's images come together and at most n wait in memory
+    order = todo if n == 1 else sorted(todo, key=lambda job: (_header_size(job[0]), str(job[0])))
+    previous = _sigterm_as_interrupt()  # a killed batch stops like Ctrl-C: no temporary file left behind
+    try:
+        nxt = reader.submit(read, order[0][0]) if reader else None
+        batch: list = []
+        for i, (src, rel) in enumerate(order):
+            bar.set_postfix_str(str(rel), refresh=False)
+            try:
+                img = nxt.result() if reader else read(src)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                img = e
+            if reader and i + 1 < len(order):
+                nxt = reader.submit(read, order[i + 1][0])  # decode the next one while this one runs
+            if isinstance(img, BaseException):
+                record(src, img)
+                shard.count_done(bar)
+                continue
+            if batch and batch[-1][2].pixels.shape[:2] != img.pixels.shape[:2]:
+                run_batch(batch)
+                batch = []
+            batch.append((src, rel, img))
+            if len(batch) == n:
+                run_batch(batch)
+                batch = []
+        if batch:
+            run_batch(batch)
         settle(block=True)
         shard.wait_bar(bar)
     except KeyboardInterrupt:
@@ -454,6 +501,18 @@ class _Shard:
         parts = gather_object([(written, skipped, [(str(s), m) for s, m in failed])])
         return (sum(p[0] for p in parts), sum(p[1] for p in parts),
                 [(Path(s), m) for p in parts for s, m in p[2]])  # fmt: skip
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding; (0, 0) when it cannot be read (the
+    read itself then reports the problem)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return (0, 0)
 
 
 def _sigterm_as_interrupt():

@@ -50,6 +50,7 @@ class LatentSR:
 
     name: str
     scale = 4
+    batchable = True  # restore() takes (B, 3, h, w): Upscaler.process_batch
     default_color_fix = "adain"
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -77,15 +78,18 @@ class LatentSR:
         return opts
 
     def encode(self, x: torch.Tensor, opts: RunOptions) -> torch.Tensor:
-        """x (1, 3, H, W) in [-1, 1] → scaled latents z (1, 4, H/8, W/8) fp32 (posterior mode unless
-        `sample_posterior`, then seeded by `seed`)."""
+        """x (B, 3, H, W) in [-1, 1] → scaled latents z (B, 4, H/8, W/8) fp32 (posterior mode unless
+        `sample_posterior`, then seeded by `seed`: each image draws from its own generator, so an
+        image in a batch gets the noise it gets alone)."""
         gen = None
         if opts.sample_posterior:
-            gen = torch.Generator(self.device)
-            if opts.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(opts.seed)
+            gens = [torch.Generator(self.device) for _ in range(x.shape[0])]
+            for g in gens:
+                if opts.seed is None:
+                    g.seed()
+                else:
+                    g.manual_seed(opts.seed)
+            gen = gens[0] if len(gens) == 1 else gens
         z = vae_encode(
             self.vae,
             x.to(self.device),

@@ -215,6 +215,12 @@ def check_lambdas(lambda_pix: float, lambda_sem: float) -> tuple[float, float]:
 
 
 def preprocess(lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`_preprocess_one` on each image of lr (B, 3, h, w): x_up (B, 3, H8, W8), (4h, 4w)."""
+    outs = [_preprocess_one(lr[i : i + 1]) for i in range(lr.shape[0])]
+    return torch.cat([x for x, _ in outs]), outs[0][1]
+
+
+def _preprocess_one(lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """The authors' input preparation. lr: (1, 3, h, w) in [0, 1], on the CPU.
 
     Small inputs are first enlarged (bicubic, `enlarge_factor`); then bicubic ×4; then Lanczos down to

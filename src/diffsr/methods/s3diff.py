@@ -224,10 +224,16 @@ class DegradationModulation(nn.Module):
 def modulate(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mᵀ applied to the rank dimension of a LoRA-A output, per sample.
 
-    h: (N, r, H, W) (conv) or (N, L, r) / (N, r) (linear); m: (N or 1, r, r)."""
+    h: (N, r, H, W) (conv) or (N, L, r) / (N, r) (linear); m: (B, r, r) with N a multiple of B.
+    Sample j of h uses m[j % B]: tiles and the CFG pair are stacked as [copy 0 of the B images,
+    copy 1, ...] (latents.tiled_predict, S3Diff.predict_eps), so the images cycle in that order."""
+    n, b = h.shape[0], m.shape[0]
+    if n % b:
+        raise RuntimeError(f"S3Diff modulation for {b} images cannot apply to a batch of {n}")
+    m = m.expand(n, -1, -1) if b == 1 else m.repeat(n // b, 1, 1)
     if h.dim() == 4:
-        return torch.einsum("nkhw,nkr->nrhw", h, m.expand(h.shape[0], -1, -1))
-    return torch.einsum("n...k,nkr->n...r", h, m.expand(h.shape[0], -1, -1))
+        return torch.einsum("nkhw,nkr->nrhw", h, m)
+    return torch.einsum("n...k,nkr->n...r", h, m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,10 +620,10 @@ class S3Diff(LatentSR):
         cfg_batched: bool = True,
         **options,
     ) -> tuple[torch.Tensor, dict]:
-        """lr (1, 3, h, w) in [0, 1] → (SR (1, 3, 4h, 4w) in [0, 1] fp32 on CPU, info).
+        """lr (B, 3, h, w) in [0, 1] → (SR (B, 3, 4h, 4w) in [0, 1] fp32 on CPU, info).
 
         blur / noise in [0, 1] replace the estimated scores (paper §4.4); info reports both the
-        estimated and the used scores."""
+        estimated and the used scores (for B > 1, a list with one dict per image)."""
         opts = self.options(options)
         g = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
         if not math.isfinite(g):
@@ -643,12 +649,12 @@ class S3Diff(LatentSR):
             eps = tiled_predict(lambda t: self.predict_eps(t, g, cfg_batched), z, **opts.tiling())
             y = self.decode(self.x0(z, eps), opts)[..., : 4 * h, : 4 * w]
         y = apply_color_fix(y, x_up.float(), opts.color_fix).cpu()
+        est_l = [{"blur": float(e[0]), "noise": float(e[1])} for e in est]
+        used_l = [{"blur": float(u[0]), "noise": float(u[1])} for u in used]
+        # one image: plain dicts; a batch: one dict per image (the API splits them per image)
         info = {
-            "estimated": {"blur": float(est[0, 0]), "noise": float(est[0, 1])},
-            "used": {
-                "blur": float(blur) if blur is not None else float(est[0, 0]),
-                "noise": float(noise) if noise is not None else float(est[0, 1]),
-            },
+            "estimated": est_l[0] if len(est_l) == 1 else est_l,
+            "used": used_l[0] if len(used_l) == 1 else used_l,
             "guidance_scale": g,
         }
         return y, info
