@@ -1,6 +1,6 @@
 """Images per second of `diffsr upscale` on a folder of many small images, with the reading of the
 next image and the writing of finished ones on background threads (the default) and without
-(`--no-io-overlap`).
+(`--no-io-overlap`), and with images batched through the model (`--batch-size`).
 
     python benchmarks/bench_upscale_io.py --images 48 --side 96                 # tiny random model, CPU
     python benchmarks/bench_upscale_io.py --size sd21 --device cuda --images 200 --side 128   # a GPU
@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--size", default="tiny", choices=("tiny", "sd21"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4, help="the batched mode's --batch-size (0: skip it)")
     args = p.parse_args()
 
     import numpy as np
@@ -50,7 +51,10 @@ def main() -> int:
                 src / f"{i:04d}.png"
             )
         rates = {}
-        for mode, flags in (("overlapped", []), ("serial", ["--no-io-overlap"])):
+        modes = [("overlapped", []), ("serial", ["--no-io-overlap"])]
+        if args.batch_size > 1:
+            modes.append((f"batch {args.batch_size}", ["--batch-size", str(args.batch_size)]))
+        for mode, flags in modes:
             best = 0.0
             for r in range(args.repeats):
                 out = root / f"out-{mode}-{r}"
@@ -68,6 +72,11 @@ def main() -> int:
             print(f"{mode:<11} {best:7.2f} images/s  ({args.images} images {args.side}² → {4 * args.side}², "
                   f"{args.size}, {args.device}; model load included)")  # fmt: skip
         print(f"overlap speed-up {rates['overlapped'] / rates['serial']:.2f}x")
+        if args.batch_size > 1:
+            b = rates[f"batch {args.batch_size}"]
+            print(
+                f"batch {args.batch_size} speed-up {b / rates['overlapped']:.2f}x (over overlapped, batch 1)"
+            )
     return 0
 
 
