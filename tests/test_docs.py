@@ -110,7 +110,9 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch, tiny_sd_dir, pisa_dir
 def test_readme_options_table_covers_every_upscale_flag():
     from diffsr.cli import _subparsers
 
-    table = "\n".join(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `-"))
+    table = "\n".join(
+        line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `-")
+    )
     upscale = _subparsers(build_parser())["upscale"]
     flags = [o for a in upscale._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     assert len(flags) > 20

@@ -35,10 +35,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type == "cpu":
-        # one CPU device: "cpu:0" (what accelerate reports to each process) is "cpu", so tensors
-        # made on either compare equal and every code path is the one a plain "cpu" takes
-        dev = torch.device("cpu")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
             f"device={device!r}: MPS is not available on this machine (use {hint(CPU_ARG, '--device cpu')})"

@@ -212,7 +212,23 @@ def load_sd_parts(
                        lambda: json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))  # fmt: skip
     unet.to(device).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)
+    for part in (unet, vae, te):
+        if part is not None:
+            own_aligned(part)
     return SDParts(unet, vae, te, tok, alphas_cumprod_from_config(sched))
+
+
+def own_aligned(module: torch.nn.Module, alignment: int = 64) -> torch.nn.Module:
+    """Give every CPU parameter and buffer of `module` memory of its own, `alignment`-byte aligned.
+
+    diffusers leaves safetensors weights memory-mapped on the CPU, at whatever offset they have in
+    the file; CPU kernels take other code paths (and sum in another order) on unaligned data, so the
+    same weights gave other bits once copied (`.to("cpu:0")` copies, `.to("cpu")` does not). Owned,
+    aligned weights make the result independent of how the model was loaded."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % alignment:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return module
 
 
 @torch.no_grad()

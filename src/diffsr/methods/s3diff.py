@@ -650,7 +650,13 @@ class S3Diff(LatentSR):
             y = self.decode(self.x0(z, eps), opts)[..., : 4 * h, : 4 * w]
         y = apply_color_fix(y, x_up.float(), opts.color_fix).cpu()
         est_l = [{"blur": float(e[0]), "noise": float(e[1])} for e in est]
-        used_l = [{"blur": float(u[0]), "noise": float(u[1])} for u in used]
+        used_l = [
+            {
+                "blur": float(blur) if blur is not None else e["blur"],
+                "noise": float(noise) if noise is not None else e["noise"],
+            }
+            for e in est_l
+        ]  # an override is reported as given, not as its float32 copy
         # one image: plain dicts; a batch: one dict per image (the API splits them per image)
         info = {
             "estimated": est_l[0] if len(est_l) == 1 else est_l,
