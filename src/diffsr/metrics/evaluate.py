@@ -81,7 +81,6 @@ METRICS: tuple[str, ...] = (
 """Every metric name `evaluate` knows (also the CLI names and the CSV column names)."""
 
 PIXEL_METRICS: tuple[str, ...] = ("psnr", "ssim")
-NUMPY_NR_METRICS: tuple[str, ...] = ("niqe",)  # no-reference metrics computed here, not by pyiqa
 PYIQA_NAMES: dict[str, str] = {
     "lpips": "lpips",
     "lpips-vgg": "lpips-vgg",

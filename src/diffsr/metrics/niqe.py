@@ -108,10 +108,9 @@ def _candidates() -> list[Path]:
         out.append(Path(env))
     # BasicSR ships the release's parameters as package data; its import is not needed (and fails
     # with current torchvision), only where it is installed.
-    for pkg in ("basicsr",):
-        spec = importlib.util.find_spec(pkg)
-        for loc in (spec.submodule_search_locations or []) if spec else []:
-            out.append(Path(loc) / "metrics" / "niqe_pris_params.npz")
+    spec = importlib.util.find_spec("basicsr")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        out.append(Path(loc) / "metrics" / "niqe_pris_params.npz")
     # pyiqa's cache, where its `niqe` metric downloaded the release's file on first use
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
