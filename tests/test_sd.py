@@ -132,3 +132,32 @@ def test_partial_hub_download_is_resumed_not_loaded(monkeypatch, tmp_path, tiny_
     calls.clear()
     assert resolve_base(repo_id, default="x/y", env="DIFFSR_TEST_BASE") == snap  # complete: no network
     assert calls == [True]
+
+
+@pytest.mark.parametrize("stored_under_own_names", [True, False])
+def test_own_aligned_reads_weights_from_their_file_not_through_the_mapping(
+    tmp_path, monkeypatch, stored_under_own_names
+):
+    """Weights memory-mapped at file offsets (as diffusers leaves them) become owned and 64-byte
+    aligned with the same values: read from the safetensors file when stored there under their own
+    names (no copy through the mapping, whose pages would stay resident), else cloned."""
+    from safetensors.torch import load_file, save_file
+
+    from diffsr.sd import own_aligned
+
+    m = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Conv2d(3, 2, 3))
+    want = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    f = tmp_path / "m.safetensors"
+    prefix = "" if stored_under_own_names else "renamed."
+    save_file({prefix + k: v for k, v in want.items()}, f)
+    mapped = load_file(f)
+    m.load_state_dict({k: mapped[prefix + k] for k in want}, assign=True)
+    # no size here is a multiple of 64 bytes, so of two neighbours in the file one is unaligned
+    assert any(v.data_ptr() % 64 for v in m.state_dict().values())
+    clones = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or clone(t, *a, **k))
+    own_aligned(m, [f])
+    got = m.state_dict()
+    assert all(got[k].data_ptr() % 64 == 0 and torch.equal(got[k], want[k]) for k in want)
+    assert (len(clones) == 0) == stored_under_own_names

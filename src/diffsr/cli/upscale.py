@@ -122,9 +122,9 @@ def register(sub) -> None:
         "--max-pixels", type=positive_int, default=1 << 24, help="refuse inputs above this many pixels"
     )
     r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
-                   help="PiSA-SR, S3Diff: run up to N images of one size through the model together (inputs "
-                   "are grouped by size; a group's last batch is padded, so each result depends on its image "
-                   "alone; vs N=1 results agree to float rounding). Default 1")  # fmt: skip
+                   help="PiSA-SR, S3Diff: run up to N images of one size through the model together, for a "
+                   "GPU (on a CPU it is slower). Inputs are grouped by size; a group's last batch is padded, so "
+                   "each result depends on its image alone; vs N=1 results agree to float rounding. Default 1")  # fmt: skip
     r.add_argument("--no-io-overlap", action="store_true",
                    help="read and write images on the main thread (default: the next image is decoded and "
                    "finished ones are encoded on background threads while the model works)")  # fmt: skip
@@ -291,6 +291,7 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
     time); the next image is read and the finished ones are written on
     background threads while the model works (unless --no-io-overlap). Returns (written,
     interrupted); failures are appended to `failed`."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -388,22 +389,30 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
         settle(block=False)
 
     # batches hold images of one size: with n > 1 the inputs are taken in order of their size (read
-    # from the file headers), so each size's images come together and at most n wait in memory
+    # from the file headers), so each size's images come together; at most n are read ahead
     order = todo if n == 1 else sorted(todo, key=lambda job: (_header_size(job[0]), str(job[0])))
     previous = _sigterm_as_interrupt()  # a killed batch stops like Ctrl-C: no temporary file left behind
+    reads: deque = deque()  # futures of the reads submitted ahead, in order
+    submitted = 0
+
+    def read_ahead(upto: int) -> None:
+        """Keep the reads of order[:upto] submitted to the reader thread."""
+        nonlocal submitted
+        while reader and submitted < min(upto, len(order)):
+            reads.append(reader.submit(read, order[submitted][0]))
+            submitted += 1
+
     try:
-        nxt = reader.submit(read, order[0][0]) if reader else None
         batch: list = []
         for i, (src, rel) in enumerate(order):
             bar.set_postfix_str(str(rel), refresh=False)
+            read_ahead(i + n + 1)  # the next n images (a whole batch) decode while this one runs
             try:
-                img = nxt.result() if reader else read(src)
+                img = reads.popleft().result() if reader else read(src)
             except KeyboardInterrupt:
                 raise
             except Exception as e:
                 img = e
-            if reader and i + 1 < len(order):
-                nxt = reader.submit(read, order[i + 1][0])  # decode the next one while this one runs
             if isinstance(img, BaseException):
                 record(src, img)
                 shard.count_done(bar)
