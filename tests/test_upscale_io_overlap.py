@@ -5,6 +5,7 @@ works (with --batch-size N: the whole next batch), and does all I/O on the main 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -94,3 +95,27 @@ def test_no_io_overlap_reads_and_writes_on_the_main_thread(monkeypatch, folder, 
     rec = _run(monkeypatch, folder, tmp_path, ["--no-io-overlap"], ahead=1, wait=0.05)
     assert rec.threads == {"read": {"MainThread"}, "write": {"MainThread"}}
     assert not any(any(seen) for _, seen in rec.calls)  # nothing is read before the model is done
+
+
+def test_results_waiting_for_a_slow_disk_stay_bounded(monkeypatch, folder, tmp_path):
+    """The model is far faster than the disk here: it waits for the writer rather than piling up results."""
+    src, names = folder
+    rec = _Recorder(names, ahead=0, wait=0)
+    written, backlog = [], []
+    write = diffsr.io.write_image
+
+    def slow_write(*a, **k):
+        time.sleep(0.05)
+        write(*a, **k)
+        written.append(1)
+
+    def model(images):
+        backlog.append(sum(len(c[0]) for c in rec.calls) - len(written))  # results not yet on disk
+        return _Recorder._run(rec, images)
+
+    monkeypatch.setattr(diffsr.io, "write_image", slow_write)
+    monkeypatch.setattr(diffsr.api, "load", lambda *a, **k: rec)
+    monkeypatch.setattr(rec, "_run", model)
+    assert main(["upscale", str(src), "-o", str(tmp_path / "out"), "-q", "--batch-size", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    assert max(backlog) <= 4 and len(backlog) == 4  # 2 × the batch size

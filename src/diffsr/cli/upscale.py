@@ -288,9 +288,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) -> tuple[int, bool]:
     """Upscale `todo` (in order; with --batch-size N > 1 in order of size, N images of one size at a
-    time); the next image is read and the finished ones are written on
-    background threads while the model works (unless --no-io-overlap). Returns (written,
-    interrupted); failures are appended to `failed`."""
+    time); the next N images are read and the finished ones written on background threads while the
+    model works (unless --no-io-overlap), with at most 2N results waiting for the writer. Returns
+    (written, interrupted); failures are appended to `failed`."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -325,21 +325,19 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
         failed.append((src, msg))
         tqdm.write(f"error: {msg}", file=sys.stderr)
 
-    def settle(block: bool) -> None:
+    def settle(at_most: int) -> None:
+        """Count the writes that have finished, oldest first; wait for the oldest while more than
+        `at_most` are pending (so results waiting to be written stay bounded when the disk is slower
+        than the model)."""
         nonlocal written
-        keep = []
-        for src, fut in pending:
-            if block or fut.done():
-                try:
-                    fut.result()
-                    written += 1
-                    shard.count_done(bar)
-                except Exception as e:
-                    record(src, e)
-                    shard.count_done(bar)
-            else:
-                keep.append((src, fut))
-        pending[:] = keep
+        while pending and (len(pending) > at_most or pending[0][1].done()):
+            src, fut = pending.pop(0)
+            try:
+                fut.result()
+                written += 1
+            except Exception as e:
+                record(src, e)
+            shard.count_done(bar)
 
     n = args.batch_size
 
@@ -386,7 +384,7 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
             except Exception as e:
                 record(src, e)
                 shard.count_done(bar)
-        settle(block=False)
+        settle(at_most=2 * n)
 
     # batches hold images of one size: with n > 1 the inputs are taken in order of their size (read
     # from the file headers), so each size's images come together; at most n are read ahead
@@ -426,7 +424,7 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
                 batch = []
         if batch:
             run_batch(batch)
-        settle(block=True)
+        settle(at_most=0)
         shard.wait_bar(bar)
     except KeyboardInterrupt:
         for ex in (reader, writer):
