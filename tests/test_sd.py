@@ -161,3 +161,14 @@ def test_own_aligned_reads_weights_from_their_file_not_through_the_mapping(
     got = m.state_dict()
     assert all(got[k].data_ptr() % 64 == 0 and torch.equal(got[k], want[k]) for k in want)
     assert (len(clones) == 0) == stored_under_own_names
+
+
+def test_own_aligned_passes_over_files_that_are_not_safetensors(tmp_path):
+    from diffsr.sd import own_aligned
+
+    (tmp_path / "cut.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{")  # cut short
+    (tmp_path / "junk.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")  # not a header
+    m = torch.nn.Linear(3, 2)
+    m.weight.data = torch.arange(7.0)[1:].reshape(2, 3)  # a view 4 bytes into its storage: unaligned
+    own_aligned(m, [tmp_path / "cut.safetensors", tmp_path / "junk.safetensors", tmp_path / "missing"])
+    assert m.weight.data_ptr() % 64 == 0 and torch.equal(m.weight, torch.arange(1.0, 7.0).reshape(2, 3))

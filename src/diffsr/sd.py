@@ -238,6 +238,9 @@ def own_aligned(module: torch.nn.Module, files: list[Path] = (), alignment: int 
     return module
 
 
+_MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
+
+
 class _StoredTensors:
     """Where each tensor of some safetensors files lies (from their JSON headers: 8-byte length, then
     name -> dtype, shape, data_offsets relative to the end of the header), to read it without mmap."""
@@ -245,13 +248,15 @@ class _StoredTensors:
     def __init__(self, files: list[Path]):
         self.places: dict[str, list[tuple[Path, int, int]]] = {}  # name -> [(file, offset, bytes)]
         for f in files:
-            with open(f, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    begin, end = entry["data_offsets"]
-                    self.places.setdefault(name, []).append((f, 8 + size + begin, end - begin))
+            try:  # a file that is not a readable safetensors file (a stray partial download) is passed over
+                with open(f, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(size)) if size <= _MAX_HEADER else {}
+                spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                continue
+            for name, (begin, end) in spans.items():
+                self.places.setdefault(name, []).append((f, 8 + size + begin, end - begin))
 
     def read(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """An owned, aligned copy of `t` (CPU): read from the stored tensor `name` when its size and
