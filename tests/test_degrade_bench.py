@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,8 @@ def test_bench_json_fields(tmp_path, capsys):
     assert env["commit"] is None or len(env["commit"].split("+")[0]) == 40  # this checkout's commit
     runs = {r["method"]: r for r in d["runs"]}
     assert set(runs) == {"pisa", "s3diff"} and runs["pisa"]["output"] == 64
+    # one process per method: no model's freed memory counts in another's peak
+    assert len({r["pid"] for r in runs.values()} | {os.getpid()}) == 3
     names = [c["name"] for c in runs["pisa"]["cases"]]
     assert names == ["default (λ=1,1, merged)", "adjustable (λ=0.5,0.8, batched)", "re-render (decode only)"]
     for case in runs["pisa"]["cases"] + runs["s3diff"]["cases"]:

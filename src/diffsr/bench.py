@@ -279,7 +279,13 @@ def run_benchmark(
                 f"\n{method}, {side}->{4 * side}, {device} {str(dtype).removeprefix('torch.')}:\n{format_table(rows)}"
             )
             results["runs"].append(
-                {"method": method, "input": side, "output": 4 * side, "cases": [r.to_dict() for r in rows]}
+                {
+                    "method": method,
+                    "input": side,
+                    "output": 4 * side,
+                    "pid": os.getpid(),
+                    "cases": [r.to_dict() for r in rows],
+                }  # fmt: skip
             )
         del model
         gc.collect()
