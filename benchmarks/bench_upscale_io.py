@@ -51,9 +51,10 @@ def run_once(cmd: list[str], torch_threads: int = 0) -> dict:
     {"rc", "seconds", "load", "peak_rss"}."""
     child = [sys.executable, "-c", _RUN, json.dumps(cmd), str(torch_threads)]
     done = subprocess.run(child, capture_output=True, text=True)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"diffsr upscale failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"rc": None}
+    if result["rc"] != 0:  # a failed image would otherwise count as a fast one
+        raise RuntimeError(f"diffsr upscale failed ({result['rc']}): {done.stderr.strip().splitlines()[-1:]}")
+    return result
 
 
 def main() -> int:

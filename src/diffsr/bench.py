@@ -285,7 +285,7 @@ def run_benchmark(
                     "output": 4 * side,
                     "pid": os.getpid(),
                     "cases": [r.to_dict() for r in rows],
-                }  # fmt: skip
+                }
             )
         del model
         gc.collect()

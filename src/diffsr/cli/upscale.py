@@ -305,7 +305,7 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
     bar = tqdm(total=total, unit="img", disable=args.quiet or shard.rank != 0, dynamic_ncols=True)
     tile_bar = None
     written = 0
-    pending: list = []  # (src, future of the write)
+    pending: deque = deque()  # (src, future of the write)
 
     def progress(ev: dict) -> None:
         nonlocal tile_bar
@@ -331,7 +331,7 @@ def _process(args, up, todo, outdir, ext, options, failed, shard, total: int) ->
         than the model)."""
         nonlocal written
         while pending and (len(pending) > at_most or pending[0][1].done()):
-            src, fut = pending.pop(0)
+            src, fut = pending.popleft()
             try:
                 fut.result()
                 written += 1
