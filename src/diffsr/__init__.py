@@ -8,7 +8,7 @@ out = up.upscale(image)
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Upscaler", "available_methods", "load", "__version__"]
+__all__ = ["Upscaler", "available_methods", "load", "tune_malloc", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "tune_malloc":
+        from .allocator import tune_malloc
+
+        return tune_malloc
     raise AttributeError(f"module 'diffsr' has no attribute {name!r}")

@@ -188,17 +188,47 @@ def random_sd_parts(
     return SDParts(unet, vae, te, tok, alphas_cumprod_from_config(SCHEDULER))
 
 
-def write_random_sd_folder(folder: str | os.PathLike, size: str = "tiny", *, seed: int = 0) -> Path:
-    """Write a diffusers-format folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) of random weights."""
+def narrow_posterior(vae: nn.Module, logvar: float = -30.0) -> nn.Module:
+    """Make the VAE posterior a point (log-variance `logvar`, std e^(logvar/2)): `latent_dist.sample()`
+    then equals `.mode()` to ~1e-7, so code that samples (the authors') and code that takes the mode
+    (diffsr's default) give comparable outputs on random weights. In place; returns vae."""
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:] = 0
+        vae.quant_conv.bias[c:] = logvar
+    return vae
+
+
+def save_sd_parts(parts: SDParts, folder: str | os.PathLike) -> Path:
+    """Write parts as a diffusers-format folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/); the
+    tokenizer must already be in folder/tokenizer (random_sd_parts(tokenizer_dir=...))."""
     folder = Path(folder)
-    parts = random_sd_parts(size, seed=seed, tokenizer_dir=folder / "tokenizer")
     parts.unet.save_pretrained(folder / "unet")
     parts.vae.save_pretrained(folder / "vae")
     parts.text_encoder.save_pretrained(folder / "text_encoder")
+    _released_text_encoder_keys(folder / "text_encoder")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def _released_text_encoder_keys(folder: Path) -> None:
+    """Name the text encoder's tensors as the released SD folders do (`text_model.` prefix): current
+    transformers saves them without it and reads both; older ones (the authors' pins) only the prefix."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        sd = load_file(f)
+        if not all(k.startswith("text_model.") for k in sd):
+            save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()},
+                      f, metadata={"format": "pt"})  # fmt: skip
+
+
+def write_random_sd_folder(folder: str | os.PathLike, size: str = "tiny", *, seed: int = 0) -> Path:
+    """Write a diffusers-format folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) of random weights."""
+    folder = Path(folder)
+    return save_sd_parts(random_sd_parts(size, seed=seed, tokenizer_dir=folder / "tokenizer"), folder)
 
 
 def meta_unet(size: str = "sd21") -> torch.nn.Module:

@@ -40,6 +40,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..allocator import tune_malloc
+
+    tune_malloc()  # as upscale and web run (allocator.py; DIFFSR_MALLOC=system: off)
     if len(args.method) > 1 and not (args.weights or args.base):
         return _one_process_per_method(args)
     quiet_libraries()

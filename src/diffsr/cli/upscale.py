@@ -142,10 +142,11 @@ def _fmt(v) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-
+    from ..allocator import tune_malloc
     from ..errors import DiffSRError
     from ..io import find_images, output_path, probe_alpha
 
+    tune_malloc()  # freed activations stay in the process (allocator.py; DIFFSR_MALLOC=system: off)
     method_opts = {}
     for dest, (method, key) in METHOD_OPTIONS.items():
         value = getattr(args, dest)

@@ -34,7 +34,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..allocator import tune_malloc
     from ..errors import ConfigError
+
+    tune_malloc()  # freed activations stay in the process (allocator.py; DIFFSR_MALLOC=system: off)
 
     if (args.weights or args.base) and len(args.method) != 1:
         raise ConfigError("--weights/--base name one method's files: pass one --method with them")
